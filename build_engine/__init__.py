@@ -1,0 +1,1 @@
+"""Build step: checkpoint -> ONNX graph -> (quantize) -> (compile) -> engine bundle."""

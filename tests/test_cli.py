@@ -1,0 +1,117 @@
+"""The `edgellm` command end to end, each step a real subprocess: build -> serve -> chat/info -> SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+EDGELLM = [sys.executable, "-m", "edgellm"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGELLM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Served:
+    """`edgellm serve` in a subprocess, ready once it prints its ready line."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([*EDGELLM, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.ready = threading.Event()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            if "ready on" in line:
+                self.ready.set()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def test_build_serve_chat_info_round_trip(tiny_checkpoint, tmp_path):
+    bundle = tmp_path / "bundle"
+    built = run("build", str(tiny_checkpoint), "-o", str(bundle), "--context-length", "64")
+    assert built.returncode == 0, built.stderr
+    assert (bundle / "manifest.yaml").is_file()
+    again = run("build", str(tiny_checkpoint), "-o", str(bundle))
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    info = run("info", str(bundle), "--verify")
+    assert info.returncode == 0 and "checksums: ok" in info.stdout and "LlamaForCausalLM" in info.stdout
+
+    sock = tmp_path / "d.sock"
+    served = Served("--bundle", str(bundle), "--unix", str(sock), "--slots", "2")
+    try:
+        assert served.ready.wait(60), served.proc.stderr.read() if served.proc.poll() is not None else "not ready"
+        chat = run("chat", "hello there", "--address", str(sock), "--max-new-tokens", "6", "-v", timeout=60)
+        assert chat.returncode == 0, chat.stderr
+        assert "FINISH_REASON_" in chat.stderr and "new tokens" in chat.stderr
+        live = run("info", f"unix:{sock}", timeout=60)
+        assert live.returncode == 0, live.stderr
+        assert "backend: onnxruntime-cpu" in live.stdout and "slots: 2" in live.stdout
+    finally:
+        code = served.stop()
+    assert code == 0
+    assert not sock.exists()  # the socket file is removed on a clean stop
+
+
+def test_chat_without_a_daemon_says_so(tmp_path):
+    result = run("chat", "hi", "--address", str(tmp_path / "nobody.sock"), "--timeout", "5", timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach the daemon" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tampered_bundle_is_refused_naming_the_file(tiny_bundle, tmp_path):
+    bundle = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, bundle)
+    data = bundle / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    result = run("serve", "--bundle", str(bundle), "--unix", str(tmp_path / "s.sock"), timeout=60)
+    assert result.returncode == 1
+    assert "model.onnx.data" in result.stderr and "checksum" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    ckpt = tmp_path / "gpt2"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                  "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100}))
+    result = run("build", str(ckpt), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "GPT2LMHeadModel" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["build", "/nonexistent/model", "-o", "/tmp/x"], "expected a Hugging Face checkpoint folder or a .gguf file"),
+    (["build", "CKPT", "-o", "OUT", "--precision", "int3"], "precision 'int3'"),
+    (["build", "CKPT", "-o", "OUT", "--target", "quantum"], "unknown target 'quantum'"),
+])
+def test_build_errors_are_messages(args, needle, tiny_checkpoint, tmp_path):
+    args = [str(tiny_checkpoint) if a == "CKPT" else str(tmp_path / "o") if a == "OUT" else a for a in args]
+    result = run(*args)
+    assert result.returncode == 1
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_config_names_the_key(tmp_path):
+    cfg = tmp_path / "edgellm.yaml"
+    cfg.write_text("engine:\n  slots: -1\n")
+    result = run("serve", "--config", str(cfg), timeout=60)
+    assert result.returncode == 2
+    assert "engine.slots" in result.stderr
