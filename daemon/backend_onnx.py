@@ -49,6 +49,7 @@ class OnnxBackend:
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
         dtype = _NP_DTYPES[layout.dtype]
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)

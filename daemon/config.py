@@ -44,6 +44,7 @@ class GenerationConfig:
     default_max_new_tokens: int = 512  # when a request leaves max_new_tokens unset
     max_stop_sequences: int = 16
     max_stop_length: int = 256  # characters per stop sequence
+    max_buffered_chunks: int = 1024  # undelivered chunks per stream before a slow reader's requests are cancelled
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Config:
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
-             "generation.max_stop_length": 1}
+             "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error")}
 
 

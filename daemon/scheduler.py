@@ -1,15 +1,16 @@
 """The engine: one thread that owns the backend and runs steps, with continuous batching over fixed slots.
 
-Data flows one way: the gRPC handlers submit `Sequence`s; each step admits waiting sequences into free
-slots, prefills one chunk of one prompt, decodes one token for every sequence past its prompt in a
-single batch, samples, detokenizes, and hands the step's events to the asyncio loop in one call.
-Nothing here runs on the event loop, and the event loop never touches the backend.
+Data flows one way: the gRPC handlers submit `Sequence`s; each step ends cancelled and expired
+sequences, admits waiting ones into slots (highest priority class first, evicting idle conversation
+caches and then preempting lower classes when the slots are full), prefills one chunk of one prompt,
+decodes one token for every sequence past its prompt in a single batch, samples, detokenizes, and
+hands the step's events to the asyncio loop in one call. Nothing here runs on the event loop, and the
+event loop never touches the backend: it only sets flags (`cancel`, `close`) and appends to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 import threading
@@ -19,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from daemon.metrics import EngineMetrics
 from daemon.sampling import Sampler, SamplingParams
 from daemon.text_stream import TextStream
 from daemon.tokenizer import Tokenizer
@@ -34,8 +36,20 @@ class FinishReason(enum.Enum):
     ERROR = "error"
 
 
+class Priority(enum.IntEnum):
+    """Lower value, served first."""
+
+    INTERACTIVE = 0
+    NORMAL = 1
+    BACKGROUND = 2
+
+
 class QueueFullError(Exception):
     """The wait queue is at its bound; the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -55,9 +69,30 @@ class FinishEvent:
     total_s: float
     stop_sequence: str = ""
     message: str = ""
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the conversation's cache
+    reprefilled: bool = False  # the conversation's cache had been evicted: its history was prefilled again
+    preemptions: int = 0  # times this request was paused for a higher priority class
+    output_ids: list[int] = field(default_factory=list)
 
 
 Sink = Callable[[TokenEvent | FinishEvent], None]
+
+
+@dataclass(eq=False)
+class Conversation:
+    """A KV cache kept in one slot between the turns of a conversation.
+
+    `tokens` are the ids whose K/V sit in positions [0, len) of `slot`; the engine thread owns `slot`,
+    `tokens` and `busy`; the event loop sets `close_requested` only.
+    """
+
+    id: str
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False
+    evicted: bool = False  # lost its cache since the last turn
+    last_used: float = 0.0
+    close_requested: bool = False
 
 
 @dataclass(eq=False)
@@ -69,22 +104,34 @@ class Sequence:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    deadline: float | None = None  # time.monotonic() value
+    deadline: float | None = None  # clock value
     sink: Sink = print
-    arrival: float = field(default_factory=time.monotonic)
+    arrival: float = 0.0
+    priority: Priority = Priority.NORMAL
+    conversation: Conversation | None = None
     # Engine state.
     slot: int | None = None
-    cached: int = 0  # tokens whose K/V are in the slot
+    cached: int = 0  # tokens of prompt_ids + output_ids whose K/V are in the slot
     output_ids: list[int] = field(default_factory=list)
     started: float | None = None
     first_token: float | None = None
+    last_token_at: float = 0.0
+    cached_prompt_tokens: int = 0
+    reprefilled: bool = False
+    preemptions: int = 0
     cancel_requested: bool = False  # set from the event loop; honoured at the next step
+    cancel_message: str = ""
     sampler: Sampler | None = None
     text: TextStream | None = None
 
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+    def prefill_target(self) -> int:
+        """Tokens that must be in the cache before decoding: the prompt, plus all outputs but the last
+        after a preemption (the last sampled token is what the next decode step feeds)."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
 
 class Backend(Protocol):
@@ -105,10 +152,24 @@ def decode_rows(highest_slot: int, slots: int) -> int:
     return min(rows, slots)
 
 
+def decode_shapes(slots: int) -> list[int]:
+    """Every row count decode_rows can return: the shapes to warm up (and, on GPUs, to capture)."""
+    return sorted({decode_rows(s, slots) for s in range(slots)})
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, context_length: int, *,
                  prefill_chunk_tokens: int = 256, max_queued: int = 64,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -116,28 +177,43 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_queued = max_queued
         self.loop = loop
+        self.clock = clock
+        self.metrics = metrics or EngineMetrics()
+        self.metrics.bind_gauges(lambda: self.queue_length, lambda: self.slots_in_use, self._kv_tokens)
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.free_slots = list(range(backend.slots))
         self.running: list[Sequence] = []
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self.held: list[Conversation] = []  # conversations holding a slot (idle or busy)
+        self._waiting: list[Sequence] = []  # guarded by _cond; small (max_queued), so scanned, not heaped
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._events: list[tuple[Sink, TokenEvent | FinishEvent]] = []
+        self._recent_durations: list[float] = []
         self.steps = 0
 
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; raises QueueFullError when the queue is at its bound."""
         seq.sampler = Sampler(seq.sampling, seq.prompt_ids)
         seq.text = TextStream(self.tokenizer, seq.stop)
         with self._cond:
             if len(self._waiting) >= self.max_queued:
-                raise QueueFullError(f"the queue is full ({self.max_queued} requests waiting); retry later")
+                raise QueueFullError(f"the queue is full ({self.max_queued} requests waiting)", self.retry_after_s())
             self._waiting.append(seq)
             self._cond.notify()
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: Sequence, message: str = "") -> None:
+        seq.cancel_message = seq.cancel_message or message
         seq.cancel_requested = True
+        self._wake()
+
+    def close(self, conversation: Conversation) -> None:
+        """Release a conversation's cache (at the next step, or when its running turn ends)."""
+        conversation.close_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
 
@@ -148,6 +224,15 @@ class Engine:
     @property
     def slots_in_use(self) -> int:
         return self.backend.slots - len(self.free_slots)
+
+    def _kv_tokens(self) -> int:
+        return sum(s.cached for s in self.running) + sum(len(c.tokens) for c in self.held if not c.busy)
+
+    def retry_after_s(self) -> float:
+        """A hint for clients turned away: the time the queue ahead of them needs, from recent requests."""
+        recent = self._recent_durations
+        mean = sum(recent) / len(recent) if recent else 1.0
+        return max(0.1, mean * (len(self._waiting) + 1) / self.backend.slots)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgellm-engine", daemon=True)
@@ -161,10 +246,13 @@ class Engine:
             self._thread.join()
 
     # ---- the engine thread ----------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not self._waiting and not self.running and not any(c.close_requested for c in self.held)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self.running:
+                while not self._stopping and self._idle():
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -175,48 +263,130 @@ class Engine:
                 for seq in list(self.running):
                     self._finish(seq, FinishReason.ERROR, message=f"engine failure: {e}")
                 self._flush()
-        for seq in [*self.running, *self._waiting]:
+        with self._cond:
+            leftover, self._waiting = [*self.running, *self._waiting], []
+        for seq in leftover:
             self._finish(seq, FinishReason.CANCELLED, message="the server is shutting down")
         self._flush()
 
     def step(self) -> None:
-        """Admit, prefill one chunk, decode one token for everyone decoding, deliver events."""
-        now = time.monotonic()
+        """End, admit, prefill one chunk, decode one token for everyone decoding, deliver events."""
+        now = self.clock()
         self._reap(now)
         self._admit(now)
-        prefilling = next((s for s in self.running if s.cached < len(s.prompt_ids)), None)
+        prefilling = next((s for s in self.running if s.cached < s.prefill_target()), None)
+        computed = 0
         if prefilling is not None:
-            self._prefill_chunk(prefilling)
-        decoding = [s for s in self.running if s.output_ids and s is not prefilling]
+            computed += self._prefill_chunk(prefilling)
+        decoding = [s for s in self.running if s.output_ids and s.cached == s.prefill_target()]
         if decoding:
             self._decode(decoding)
+            computed += len(decoding)
+        if computed:
+            self.metrics.tokens_per_step.observe(computed)
         self.steps += 1
         self._flush()
 
     def _reap(self, now: float) -> None:
-        """End sequences that were cancelled or ran past their deadline, freeing their slots."""
+        """End sequences that were cancelled or ran past their deadline; release closed conversations."""
+        def ended(s: Sequence) -> bool:
+            return s.cancel_requested or (s.deadline is not None and now >= s.deadline)
+
         with self._cond:
-            dropped = [s for s in self._waiting if s.cancel_requested or (s.deadline is not None and now >= s.deadline)]
-            for s in dropped:
-                self._waiting.remove(s)
-        for s in [*dropped, *[s for s in self.running if s.cancel_requested or (s.deadline is not None and now >= s.deadline)]]:
-            self._finish(s, FinishReason.CANCELLED if s.cancel_requested else FinishReason.DEADLINE)
+            dropped = [s for s in self._waiting if ended(s)]
+            self._waiting = [s for s in self._waiting if not ended(s)]
+        for s in [*dropped, *[s for s in self.running if ended(s)]]:
+            if s.cancel_requested:
+                self._finish(s, FinishReason.CANCELLED, message=s.cancel_message)
+            else:
+                self._finish(s, FinishReason.DEADLINE)
+        for conv in [c for c in self.held if c.close_requested and not c.busy]:
+            self._release(conv)
+
+    def _release(self, conv: Conversation) -> None:
+        """Give a conversation's slot back; its next turn (if any) prefills its whole history again."""
+        self.held.remove(conv)
+        self._free(conv.slot)
+        conv.slot, conv.tokens, conv.evicted = None, [], True
+
+    def _free(self, slot: int) -> None:
+        self.free_slots.append(slot)
+        self.free_slots.sort()  # lowest slots first keeps decode batches small
+
+    def _next_waiting(self) -> Sequence | None:
+        """Highest class first, then arrival order; a conversation's turn waits while another runs."""
+        ready = [s for s in self._waiting if s.conversation is None or not s.conversation.busy]
+        return min(ready, key=lambda s: (s.priority, s.arrival), default=None)
 
     def _admit(self, now: float) -> None:
         with self._cond:
-            while self.free_slots and self._waiting:
-                seq = self._waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
-                seq.started = now
-                self.running.append(seq)
+            while (seq := self._next_waiting()) is not None:
+                conv = seq.conversation
+                if conv is not None and conv.slot is not None:
+                    slot = conv.slot
+                elif self.free_slots:
+                    slot = self.free_slots.pop(0)
+                elif (slot := self._evict_idle_conversation()) is None and (slot := self._preempt_below(seq.priority)) is None:
+                    break
+                self._waiting.remove(seq)
+                self._place(seq, slot, now)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        start = seq.cached
-        chunk = seq.prompt_ids[start:start + self.prefill_chunk_tokens]
-        logits = self.backend.prefill(seq.slot, chunk, start)
-        seq.cached += len(chunk)
-        if seq.cached == len(seq.prompt_ids):
+    def _evict_idle_conversation(self) -> int | None:
+        idle = [c for c in self.held if not c.busy]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda c: c.last_used)
+        self._release(victim)
+        self.metrics.evictions.inc()
+        log.info("evicted the cache of idle conversation %s", victim.id)
+        return self.free_slots.pop(0)
+
+    def _preempt_below(self, priority: Priority) -> int | None:
+        """Pause the latest-arrived running sequence of the lowest class below `priority`; its slot is taken."""
+        lower = [s for s in self.running if s.priority > priority]
+        if not lower:
+            return None
+        victim = max(lower, key=lambda s: (s.priority, s.arrival))
+        self.running.remove(victim)
+        slot = victim.slot
+        victim.slot, victim.cached = None, 0  # its cache is overwritten: it re-prefills when resumed
+        victim.preemptions += 1
+        if victim.conversation is not None:
+            conv = victim.conversation
+            self.held.remove(conv)
+            conv.slot, conv.tokens, conv.busy = None, [], False
+            victim.reprefilled = True
+        self._waiting.append(victim)
+        self.metrics.preemptions.inc()
+        return slot
+
+    def _place(self, seq: Sequence, slot: int, now: float) -> None:
+        seq.slot = slot
+        conv = seq.conversation
+        if conv is not None:
+            if conv.slot is None:
+                conv.slot = slot
+                self.held.append(conv)
+                seq.reprefilled = seq.reprefilled or conv.evicted
+            # Reuse the cached prefix; at least one prompt token is computed again to get its logits.
+            reuse = min(common_prefix(conv.tokens, seq.prompt_ids), len(seq.prompt_ids) - 1) if not seq.output_ids else 0
+            seq.cached = seq.cached_prompt_tokens = reuse
+            conv.busy = True
+        if seq.started is None:
+            seq.started = now
+            self.metrics.queue_time.labels(seq.priority.name.lower()).observe(now - seq.arrival)
+        self.running.append(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> int:
+        start, target = seq.cached, seq.prefill_target()
+        end = min(target, start + self.prefill_chunk_tokens)
+        logits = self.backend.prefill(seq.slot, [seq.token_at(i) for i in range(start, end)], start)
+        seq.cached = end
+        self.metrics.prompt_tokens.inc(end - start)
+        if end == target and not seq.output_ids:
+            self.metrics.cached_prompt_tokens.inc(seq.cached_prompt_tokens)
             self._accept(seq, logits)
+        return end - start
 
     def _decode(self, seqs: list[Sequence]) -> None:
         rows = decode_rows(max(s.slot for s in seqs), self.backend.slots)
@@ -225,7 +395,7 @@ class Engine:
         b.position_ids.fill(self.scratch_position)
         b.write_indices.fill(self.scratch_position)
         for s in seqs:
-            b.input_ids[s.slot, 0] = s.last_token
+            b.input_ids[s.slot, 0] = s.output_ids[-1]
             b.position_ids[s.slot, 0] = s.cached
             b.write_indices[s.slot] = s.cached
         logits = self.backend.decode(b)
@@ -236,9 +406,16 @@ class Engine:
     def _accept(self, seq: Sequence, logits: np.ndarray) -> None:
         """Sample the next token from this sequence's logits row and stream it."""
         token, logprob, top = seq.sampler.sample(logits, seq.output_ids)
+        now = self.clock()
+        label = seq.priority.name.lower()
         if seq.first_token is None:
-            seq.first_token = time.monotonic()
+            seq.first_token = now
+            self.metrics.time_to_first_token.labels(label).observe(now - seq.arrival)
+        else:
+            self.metrics.inter_token_latency.labels(label).observe(now - seq.last_token_at)
+        seq.last_token_at = now
         seq.output_ids.append(token)
+        self.metrics.generated_tokens.inc()
         if not seq.ignore_eos and token in self.eos_ids:
             self._emit(seq, TokenEvent([], seq.text.finish()))
             self._finish(seq, FinishReason.STOP)
@@ -257,18 +434,30 @@ class Engine:
             self._events.append((seq.sink, event))
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str = "", message: str = "") -> None:
+        conv = seq.conversation
         if seq.slot is not None:
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()  # lowest slots first keeps decode batches small
+            if conv is not None and conv.slot == seq.slot:
+                # Keep the cache for the next turn: it holds prompt + outputs up to what was computed.
+                conv.tokens = [seq.token_at(i) for i in range(seq.cached)]
+                conv.busy, conv.evicted, conv.last_used = False, False, self.clock()
+                if conv.close_requested:
+                    self._release(conv)
+            else:
+                self._free(seq.slot)
             seq.slot = None
         if seq in self.running:
             self.running.remove(seq)
-        end = time.monotonic()
+        end = self.clock()
         started = seq.started if seq.started is not None else end
+        label = seq.priority.name.lower()
+        self.metrics.requests.labels(label, reason.value).inc()
+        self.metrics.request_duration.labels(label).observe(end - seq.arrival)
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._recent_durations = [*self._recent_durations[-15:], end - seq.arrival]
         self._events.append((seq.sink, FinishEvent(
             reason, len(seq.prompt_ids), len(seq.output_ids), started - seq.arrival,
             (seq.first_token - seq.arrival) if seq.first_token else 0.0, end - seq.arrival,
-            stop_sequence, message)))
+            stop_sequence, message, seq.cached_prompt_tokens, seq.reprefilled, seq.preemptions, seq.output_ids)))
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop in one call."""
@@ -276,8 +465,7 @@ class Engine:
             return
         events, self._events = self._events, []
         if self.loop is None:
-            for sink, ev in events:
-                sink(ev)
+            _deliver(events)
         else:
             self.loop.call_soon_threadsafe(_deliver, events)
 

@@ -26,7 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from daemon.bundle import Bundle
 from daemon.config import Config, GenerationConfig
 from daemon.sampling import SamplingParams
-from daemon.scheduler import Engine, FinishEvent, FinishReason, QueueFullError, Sequence, TokenEvent
+from daemon.metrics import EngineMetrics
+from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
+                              TokenEvent, decode_shapes)
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
 from edgellm.v1 import edgellm_pb2 as pb
@@ -36,6 +38,8 @@ log = logging.getLogger("edgellm.server")
 
 MAX_REQUEST_ID_BYTES = 128
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_PRIORITIES = {pb.PRIORITY_UNSPECIFIED: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+               pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_BACKGROUND: Priority.BACKGROUND}
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
                    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED, FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
                    FinishReason.ERROR: pb.FINISH_REASON_ERROR}
@@ -47,6 +51,18 @@ class RequestRejected(Exception):
 
     code: grpc.StatusCode
     message: str
+    retry_after_s: float | None = None
+
+
+@dataclass
+class ConversationState:
+    """What the server keeps of a conversation: the engine's cache handle plus the history to render."""
+
+    conversation: Conversation
+    kind: str | None = None  # "chat" or "raw" (text / token ids), fixed by the first turn
+    messages: list[tuple[str, str]] | None = None  # chat: every message so far, replies included
+    history_ids: list[int] | None = None  # raw: every token so far, prompt and output
+    running: str | None = None  # the request id of the turn in progress
 
 
 def _duration(seconds: float) -> Duration:
@@ -81,7 +97,9 @@ def token_message(ev: TokenEvent) -> pb.TokenChunk:
 def finished_message(ev: FinishEvent) -> pb.Finished:
     return pb.Finished(
         reason=_FINISH_REASONS[ev.reason], stop_sequence=ev.stop_sequence, message=ev.message,
-        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                       cached_prompt_tokens=ev.cached_prompt_tokens),
+        reprefilled=ev.reprefilled, preemptions=ev.preemptions,
         timings=pb.Timings(queue=_duration(ev.queue_s), time_to_first_token=_duration(ev.ttft_s),
                            total=_duration(ev.total_s)))
 
@@ -98,18 +116,27 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
 
     # ---- request preparation ----------------------------------------------------------------------
-    def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
-        """Runs in the tokenizer pool."""
+    def _prompt_ids(self, req: pb.GenerateRequest, conv: ConversationState | None = None) -> list[int]:
+        """The request's prompt as token ids (for a conversation turn: its whole history). Runs in the pool."""
         kind = req.WhichOneof("prompt")
+        if conv is not None and conv.kind is not None and (kind == "chat") != (conv.kind == "chat"):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"conversation {conv.conversation.id!r} takes {'chat' if conv.kind == 'chat' else 'text or token-id'} turns")
         if kind == "text":
             if not req.text:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+            if conv is not None and conv.history_ids:
+                ids = self.tokenizer.encode(req.text)
+                if self.tokenizer.add_bos_token and ids[:1] == [self.tokenizer.bos_token_id]:
+                    ids = ids[1:]  # a continuation: the BOS is at the start of the history already
+                return conv.history_ids + ids
             return self.tokenizer.encode(req.text)
         if kind == "chat":
             if not req.chat.messages:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the chat has no messages")
+            earlier = conv.messages if conv is not None and conv.messages else []
             try:
-                text = self.tokenizer.render_chat([(m.role, m.content) for m in req.chat.messages])
+                text = self.tokenizer.render_chat([*earlier, *((m.role, m.content) for m in req.chat.messages)])
             except ValueError as e:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             return self.tokenizer.encode(text)
@@ -121,10 +148,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
             if not ids:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
-            return ids
+            return (conv.history_ids or []) + ids if conv is not None else ids
         raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the request has no prompt (set text, chat or token_ids)")
 
-    async def _prepare(self, req: pb.GenerateRequest, call_time_left: float | None) -> Sequence:
+    async def _prepare(self, req: pb.GenerateRequest, call_time_left: float | None,
+                       conv: ConversationState | None = None) -> Sequence:
         """Validate a request and build its Sequence; raises RequestRejected with the reason."""
         arrival = time.monotonic()
         try:
@@ -147,7 +175,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             deadline = arrival + seconds
         if call_time_left is not None:
             deadline = min(deadline or float("inf"), arrival + call_time_left)
-        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req)
+        if req.priority not in _PRIORITIES:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {req.priority}")
+        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req, conv)
         ctx = self.engine.context_length
         if len(ids) >= ctx:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(ids)} tokens; the context holds {ctx} (prompt plus at least one new token)")
@@ -157,22 +187,38 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context of {ctx} tokens")
         else:
             max_new = min(gen.default_max_new_tokens, ctx - len(ids))
-        return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival)
+        return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
+                        priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None)
 
-    def _submit(self, seq: Sequence) -> None:
+    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None = None) -> None:
+        """Queue seq in the engine, its events going to `events` (tagged with the request id on a Session).
+
+        A client that reads too slowly lets its undelivered chunks pile up here, never in the engine:
+        past the bound the request is cancelled with a message saying so.
+        """
+        limit = self.generation.max_buffered_chunks
+
+        def sink(ev: TokenEvent | FinishEvent) -> None:
+            events.put_nowait(ev if tag is None else (tag, ev))
+            if events.qsize() > limit and not seq.cancel_requested:
+                self.engine.cancel(seq, f"the client did not read its stream: {limit} chunks were waiting")
+
+        seq.sink = sink
         try:
             self.engine.submit(seq)
         except QueueFullError as e:
-            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry in {e.retry_after_s:.1f}s",
+                                  e.retry_after_s) from None
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        events: asyncio.Queue = asyncio.Queue()
         try:
             seq = await self._prepare(request, context.time_remaining())
-            events: asyncio.Queue = asyncio.Queue()
-            seq.sink = events.put_nowait
-            self._submit(seq)
+            self._submit(seq, events)
         except RequestRejected as e:
+            if e.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
             await context.abort(e.code, e.message)
         done = False
         try:
@@ -190,10 +236,16 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
         out: asyncio.Queue = asyncio.Queue()
         live: dict[str, Sequence | None] = {}  # None while the request is being prepared
+        turns: dict[str, ConversationState] = {}  # request id -> the conversation it is a turn of
+        conversations: dict[str, ConversationState] = {}
+        replies: dict[str, list[str]] = {}  # text streamed so far, for conversation turns
         end_of_input = object()
 
-        def reject(rid: str, code: grpc.StatusCode, message: str) -> None:
-            out.put_nowait(pb.SessionResponse(id=rid, error=pb.RequestError(code=code.value[0], message=message)))
+        def reject(rid: str, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+            err = pb.RequestError(code=code.value[0], message=message)
+            if retry_after_s is not None:
+                err.retry_after.CopyFrom(_duration(retry_after_s))
+            out.put_nowait(pb.SessionResponse(id=rid, error=err))
 
         async def start(msg: pb.StartRequest) -> None:
             rid = msg.id
@@ -201,15 +253,53 @@ class InferenceService(pb_grpc.InferenceServicer):
                 return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
             if rid in live:
                 return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"duplicate request id {rid!r}: a request with this id is still running on this stream")
+            conv = None
+            if msg.conversation_id:
+                conv = conversations.get(msg.conversation_id)
+                if conv is None:
+                    return reject(rid, grpc.StatusCode.NOT_FOUND, f"no open conversation {msg.conversation_id!r} on this stream")
+                if conv.running is not None:
+                    return reject(rid, grpc.StatusCode.FAILED_PRECONDITION, f"conversation {msg.conversation_id!r} is still answering request {conv.running!r}")
+                conv.running = rid
             live[rid] = None
             try:
-                seq = await self._prepare(msg.request, context.time_remaining())
-                seq.sink = lambda ev: out.put_nowait((rid, ev))
-                self._submit(seq)
+                seq = await self._prepare(msg.request, context.time_remaining(), conv)
+                self._submit(seq, out, rid)
                 live[rid] = seq
+                if conv is not None:
+                    turns[rid] = conv
+                    replies[rid] = []
+                    if conv.kind is None:
+                        conv.kind = "chat" if msg.request.WhichOneof("prompt") == "chat" else "raw"
+                    if conv.kind == "chat":
+                        conv.messages = [*(conv.messages or []), *((m.role, m.content) for m in msg.request.chat.messages)]
             except RequestRejected as e:
                 del live[rid]
-                reject(rid, e.code, e.message)
+                if conv is not None:
+                    conv.running = None
+                reject(rid, e.code, e.message, e.retry_after_s)
+
+        def conversation_turn_done(rid: str, ev: FinishEvent) -> None:
+            conv = turns.pop(rid)
+            conv.running = None
+            text = "".join(replies.pop(rid))
+            if conv.kind == "chat":
+                conv.messages.append(("assistant", text))
+            else:
+                conv.history_ids = [*live[rid].prompt_ids, *ev.output_ids]
+
+        def open_conversation(cid: str) -> None:
+            if not cid or len(cid.encode()) > MAX_REQUEST_ID_BYTES:
+                return reject(cid, grpc.StatusCode.INVALID_ARGUMENT, f"conversation id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
+            if cid in conversations:
+                return reject(cid, grpc.StatusCode.ALREADY_EXISTS, f"conversation {cid!r} is already open on this stream")
+            conversations[cid] = ConversationState(Conversation(cid))
+
+        def close_conversation(cid: str) -> None:
+            conv = conversations.pop(cid, None)
+            if conv is None:
+                return reject(cid, grpc.StatusCode.NOT_FOUND, f"no open conversation {cid!r} on this stream")
+            self.engine.close(conv.conversation)
 
         async def read() -> None:
             try:
@@ -223,8 +313,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                             reject(msg.cancel.id, grpc.StatusCode.NOT_FOUND, f"no running request with id {msg.cancel.id!r} on this stream")
                         else:
                             self.engine.cancel(seq)
+                    elif kind == "open_conversation":
+                        open_conversation(msg.open_conversation.id)
+                    elif kind == "close_conversation":
+                        close_conversation(msg.close_conversation.id)
                     else:
-                        reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest: set start or cancel")
+                        reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest: set one of its fields")
             finally:
                 out.put_nowait(end_of_input)
 
@@ -240,8 +334,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                 else:
                     rid, ev = item
                     if isinstance(ev, TokenEvent):
+                        if rid in replies:
+                            replies[rid].append(ev.text)
                         yield pb.SessionResponse(id=rid, tokens=token_message(ev))
                     else:
+                        if rid in turns:
+                            conversation_turn_done(rid, ev)
                         live.pop(rid, None)
                         yield pb.SessionResponse(id=rid, finished=finished_message(ev))
         finally:
@@ -249,6 +347,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             for seq in live.values():  # the client went away: nobody reads these any more
                 if seq is not None:
                     self.engine.cancel(seq)
+            for conv in conversations.values():  # conversations end with their stream
+                self.engine.close(conv.conversation)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         ids = await asyncio.get_running_loop().run_in_executor(self._pool, self.tokenizer.encode, request.text)
@@ -290,13 +390,14 @@ class Daemon:
         self.engine: Engine | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.metrics = EngineMetrics()
         self.addresses: list[str] = []
 
     async def start(self) -> None:
         cfg = self.config
         self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
                              prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
-                             loop=asyncio.get_running_loop())
+                             loop=asyncio.get_running_loop(), metrics=self.metrics)
         self.engine.start()
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes)
         service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info)
@@ -336,12 +437,8 @@ class Daemon:
 def warm_up(backend, slots: int) -> None:
     """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
     backend.prefill(0, [0], 0)
-    rows = 1
-    while True:
+    for rows in decode_shapes(slots):
         backend.decode(backend.decode_binding(rows))
-        if rows >= slots:
-            break
-        rows = min(rows * 2, slots)
 
 
 async def run_daemon(config: Config, bundle: Bundle) -> None:

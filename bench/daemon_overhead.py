@@ -1,0 +1,110 @@
+"""Decode tokens/s at batch 1 and time to first token: through the daemon vs ONNX Runtime driven directly.
+
+Both run the same bundle in the same run, one after the other, so the ratio shows what the daemon
+(scheduler, sampler, detokenizer, gRPC over a Unix socket) costs on top of the graph itself.
+
+    python bench/daemon_overhead.py [--bundle B] [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
+
+Without --bundle it uses the demo model's bundle (built once if needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daemon.backend_onnx import create_cpu_backend
+from daemon.bundle import load_bundle
+from edgellm.client import connect
+from edgellm.v1 import edgellm_pb2 as pb
+
+
+def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
+    """(time to first token s, decode tokens/s) with the backend driven by a bare greedy loop."""
+    backend = create_cpu_backend(bundle, slots=1, threads=threads)
+    backend.prefill(0, prompt[:1], 0)  # warm-up
+    t0 = time.perf_counter()
+    logits = backend.prefill(0, prompt, 0)
+    token = int(np.argmax(logits))
+    ttft = time.perf_counter() - t0
+    b = backend.decode_binding(1)
+    t1 = time.perf_counter()
+    for i in range(new_tokens - 1):
+        b.input_ids[0, 0] = token
+        b.position_ids[0, 0] = b.write_indices[0] = len(prompt) + i
+        token = int(np.argmax(backend.decode(b)[0]))
+    return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
+
+
+def through_daemon(address: str, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(time to first token s, decode tokens/s) as a client sees them."""
+    _, stub = connect(address)
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    arrivals = []
+    for msg in stub.Generate(req, timeout=600):
+        if msg.HasField("tokens") and msg.tokens.token_ids:
+            arrivals += [time.perf_counter()] * len(msg.tokens.token_ids)
+    assert len(arrivals) == new_tokens, len(arrivals)
+    return arrivals[0] - t0, (new_tokens - 1) / (arrivals[-1] - arrivals[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.bundle:
+        path = Path(args.bundle)
+    else:
+        from edgellm.cli import demo_bundle
+
+        path = demo_bundle()
+    bundle = load_bundle(path, verify=False)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, int(bundle.model["vocab_size"]) - 100, args.prompt_tokens).tolist()
+
+    results = {"direct": [], "daemon": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "bench.sock")
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--unix", sock, "--slots", "1",
+               "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stdout:
+                if "ready on" in line:
+                    break
+            through_daemon(f"unix:{sock}", prompt[:8], 4)  # warm-up
+            # Alternate so that both see the same machine state; the daemon idles while direct runs.
+            for _ in range(args.repeats):
+                results["daemon"].append(through_daemon(f"unix:{sock}", prompt, args.new_tokens))
+                results["direct"].append(direct(bundle, prompt, args.new_tokens, args.threads))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
+          f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "
+          f"new {args.new_tokens}, median of {args.repeats}")
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
+    for k, (ttft, tps) in med.items():
+        print(f"  {k:7s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
+    print(f"  daemon/direct: decode tokens/s {med['daemon'][1] / med['direct'][1]:.3f}, "
+          f"time to first token {med['daemon'][0] / med['direct'][0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
