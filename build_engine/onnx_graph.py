@@ -139,7 +139,8 @@ class _Builder:
         # One pass converts dtype and makes a transposed view contiguous.
         return self._init(name, np.asarray(array, dtype=self.np_dtype, order="C"), self.onnx_dtype)
 
-    def ints(self, name: str, values: list[int]) -> str:
+    def ints(self, name: str, values: list[int] | int) -> str:
+        """An int64 initializer: a 1-D tensor for a list, a scalar for an int."""
         return self._init(name, np.array(values, dtype=np.int64), TensorProto.INT64)
 
     def op(self, op_type: str, inputs: list[str], out: str, **attrs) -> str:
@@ -179,8 +180,14 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
     cos, sin = rope_cache(spec, max_seq)
     cos_cache, sin_cache = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
 
-    # Attention mask from positions, shared by all layers: [batch, 1, tokens, max_seq] bool.
-    slots = g.ints("mask.slots", list(range(max_seq)))
+    # Attention reads only the cache prefix [0, kv_len) that some query can see, kv_len = max position + 1:
+    # the cache stays static, but a step costs what the longest live sequence needs, not max_seq.
+    # (Idle rows of a batch sit at position 0; their writes go to the scratch slot, outside the prefix.)
+    max_pos = g.op("ReduceMax", ["position_ids"], "kv.max_pos", keepdims=0)
+    kv_len = g.op("Add", [max_pos, g.ints("one", 1)], "kv.len")  # a scalar
+    kv_end = g.op("Unsqueeze", [kv_len, g.ints("axes.0", [0])], "kv.end")  # [1]
+    # Attention mask from positions, shared by all layers: [batch, 1, tokens, kv_len] bool.
+    slots = g.op("Range", [g.ints("zero", 0), kv_len, g.ints("one", 1)], "mask.slots")
     pos = g.op("Unsqueeze", ["position_ids", g.ints("axes.last", [-1])], "mask.pos")  # [batch, tokens, 1]
     mask = g.op("LessOrEqual", [slots, pos], "mask.causal")
     if spec.sliding_window and spec.sliding_window < max_seq:
@@ -204,6 +211,8 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
         k = g.op("RotaryEmbedding", [k, cos_cache, sin_cache, "position_ids"], o + "k_rope", interleaved=0)
         k_all = g.op("TensorScatter", [f"past_key.{i}", k, "write_indices"], f"present_key.{i}", axis=2)
         v_all = g.op("TensorScatter", [f"past_value.{i}", v, "write_indices"], f"present_value.{i}", axis=2)
+        k_all = g.op("Slice", [k_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "k_live")
+        v_all = g.op("Slice", [v_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "v_live")
         y = g.op("Attention", [q, k_all, v_all, mask], o + "attn", q_num_heads=nh, kv_num_heads=nkv,
                  scale=1.0 / math.sqrt(d))
         y = g.op("Transpose", [y], o + "attn.t", perm=[0, 2, 1, 3])

@@ -35,7 +35,7 @@ class ListenConfig:
 class EngineConfig:
     slots: int = 4  # requests holding KV cache at once; the cache is allocated for all of them at start
     threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
-    prefill_chunk_tokens: int = 256  # most prompt tokens prefilled in one step, so decodes are not stalled
+    prefill_chunk_tokens: int = 32  # most prompt tokens prefilled per step while others decode (their inter-token latency)
     max_queued: int = 64  # requests waiting for a slot; beyond this new ones get RESOURCE_EXHAUSTED
 
 

@@ -167,7 +167,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, context_length: int, *,
-                 prefill_chunk_tokens: int = 256, max_queued: int = 64,
+                 prefill_chunk_tokens: int = 32, max_queued: int = 64,
                  loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.backend = backend
@@ -275,10 +275,13 @@ class Engine:
         self._reap(now)
         self._admit(now)
         prefilling = next((s for s in self.running if s.cached < s.prefill_target()), None)
+        # The sequence prefilled in this step gets its token from the prefill: it decodes from the next step.
+        decoding = [s for s in self.running if s is not prefilling and s.output_ids and s.cached == s.prefill_target()]
         computed = 0
         if prefilling is not None:
-            computed += self._prefill_chunk(prefilling)
-        decoding = [s for s in self.running if s.output_ids and s.cached == s.prefill_target()]
+            # The chunk budget protects the inter-token latency of decoding sequences; with none, take it whole.
+            budget = self.prefill_chunk_tokens if decoding else self.context_length
+            computed += self._prefill_chunk(prefilling, budget)
         if decoding:
             self._decode(decoding)
             computed += len(decoding)
@@ -377,9 +380,9 @@ class Engine:
             self.metrics.queue_time.labels(seq.priority.name.lower()).observe(now - seq.arrival)
         self.running.append(seq)
 
-    def _prefill_chunk(self, seq: Sequence) -> int:
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         start, target = seq.cached, seq.prefill_target()
-        end = min(target, start + self.prefill_chunk_tokens)
+        end = min(target, start + budget)
         logits = self.backend.prefill(seq.slot, [seq.token_at(i) for i in range(start, end)], start)
         seq.cached = end
         self.metrics.prompt_tokens.inc(end - start)
@@ -391,8 +394,9 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         rows = decode_rows(max(s.slot for s in seqs), self.backend.slots)
         b = self.backend.decode_binding(rows)
+        # Idle rows: token 0 at position 0 (so they do not widen the attended prefix), written to the scratch slot.
         b.input_ids.fill(0)
-        b.position_ids.fill(self.scratch_position)
+        b.position_ids.fill(0)
         b.write_indices.fill(self.scratch_position)
         for s in seqs:
             b.input_ids[s.slot, 0] = s.output_ids[-1]

@@ -165,6 +165,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import grpc
+
+    from daemon.config import default_unix_socket
+    from edgellm.bench import format_results, run_bench
+
+    address = args.address or default_unix_socket()
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        return fail("bench", f"--concurrency must be a comma-separated list of positive integers, got {args.concurrency!r}", EXIT_USAGE)
+    try:
+        results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds)
+    except ValueError as e:
+        return fail("bench", str(e), EXIT_USAGE)
+    except grpc.RpcError as e:
+        return fail("bench", f"{address}: {e.code().name}: {e.details()}")
+    print(format_results(results, args.json))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from edgellm import __version__
 
@@ -201,6 +224,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
     c.add_argument("-v", "--verbose", action="store_true", help="print finish reason, usage and timings")
     c.set_defaults(func=cmd_chat)
+
+    n = sub.add_parser("bench", help="measure a running daemon: tokens/s, time to first token, inter-token latency")
+    n.add_argument("--address", help="unix:/path, /path or host:port (default: the daemon's default socket)")
+    n.add_argument("--concurrency", default="1,2,4,8", help="comma-separated stream counts (default: 1,2,4,8)")
+    n.add_argument("--prompt-tokens", type=int, default=128)
+    n.add_argument("--new-tokens", type=int, default=128)
+    n.add_argument("--rounds", type=int, default=2, help="requests per stream at each level (default: 2)")
+    n.add_argument("--json", action="store_true", help="machine-readable output")
+    n.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe a bundle folder, or the model a daemon serves")
     i.add_argument("target", nargs="?", help="bundle folder, or daemon address (default: the default socket)")

@@ -20,7 +20,7 @@ import transformers
 from build_engine.hf_checkpoint import load_hf_checkpoint
 from build_engine.model_spec import CheckpointError, ModelSpec, UnsupportedModelError, spec_from_hf_config
 from build_engine.onnx_graph import build_graph, save_graph
-from tests.tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint
 
 ATOL = 1e-4
 MAX_SEQ = 64
@@ -43,10 +43,12 @@ class Driver:
     def step(self, input_ids, position_ids, write_indices, logits_indices) -> np.ndarray:
         io = self.sess.io_binding()
         io.bind_output("logits")
-        feeds = dict(input_ids=input_ids, position_ids=position_ids, write_indices=write_indices,
-                     logits_indices=logits_indices)
+        # Keep the input arrays referenced until the run ends: the binding does not own them.
+        feeds = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in
+                 dict(input_ids=input_ids, position_ids=position_ids, write_indices=write_indices,
+                      logits_indices=logits_indices).items()}
         for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+            io.bind_cpu_input(name, value)
         for name, cache in self.caches.items():
             ptr = cache.ctypes.data
             io.bind_input(f"past_{name}", "cpu", 0, np.float32, list(cache.shape), ptr)

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import TINY_CONTEXT, wait_until
 from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 FR = pb.FinishReason
 
@@ -170,7 +171,7 @@ def test_session_bad_inputs_end_only_that_request(daemon):
     s.start("long", text="a duplicate id", max_new_tokens=4)
     s.cancel("nobody")
     errors, finished = {}, {}
-    while "long" not in finished:
+    while "long" not in finished or "nobody" not in errors:
         msg = s.next()
         if msg.WhichOneof("kind") == "error":
             errors.setdefault(msg.id, []).append(msg.error)
@@ -256,3 +257,157 @@ def test_queue_bound_answers_resource_exhausted(daemon):
     reasons = [m.finished.reason for m in s.responses if m.WhichOneof("kind") == "finished"]
     assert len(reasons) == n and set(reasons) <= {FR.FINISH_REASON_CANCELLED, FR.FINISH_REASON_LENGTH}
     assert wait_until(lambda: daemon.engine.slots_in_use == 0 and daemon.engine.queue_length == 0)
+
+
+def test_queue_full_error_carries_a_retry_hint(daemon):
+    stub = daemon.stub()
+    s = SessionClient(stub)
+    for i in range(4 + 8):
+        s.start(f"r{i}", text="fill", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
+    assert wait_until(lambda: daemon.engine.slots_in_use + daemon.engine.queue_length == 12)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, text="no room", max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry" in err.value.details()
+    assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) >= 100
+    for i in range(12):
+        s.cancel(f"r{i}")
+    s.close()
+    assert len([m for m in s.responses if m.WhichOneof("kind") == "finished"]) == 12
+
+
+def test_seeded_sampling_is_unchanged_by_batching(daemon):
+    stub = daemon.stub()
+    sampling = pb.SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    prompts = ["alpha beta", "gamma", "delta epsilon zeta"]
+    alone = [generate(stub, text=p, max_new_tokens=20, ignore_eos=True, sampling=sampling)[0] for p in prompts]
+    s = SessionClient(stub)
+    for i, p in enumerate(prompts):
+        s.start(str(i), text=p, max_new_tokens=20, ignore_eos=True, sampling=sampling)
+    s.close()
+    together = {str(i): [] for i in range(3)}
+    for msg in s.responses:
+        if msg.WhichOneof("kind") == "tokens":
+            together[msg.id] += msg.tokens.token_ids
+    assert [together[str(i)] for i in range(3)] == alone
+
+
+def test_interactive_request_overtakes_background_work(daemon):
+    stub = daemon.stub()
+    s = SessionClient(stub)
+    for i in range(4):  # every slot busy with long background requests
+        s.start(f"bg{i}", text="background job", max_new_tokens=TINY_CONTEXT // 2, ignore_eos=True,
+                priority=pb.PRIORITY_BACKGROUND)
+    started = set()
+    while len(started) < 4:
+        msg = s.next()
+        assert msg.WhichOneof("kind") == "tokens", msg
+        if msg.WhichOneof("kind") == "tokens":
+            started.add(msg.id)
+    s.start("now", text="urgent", max_new_tokens=4, ignore_eos=True, priority=pb.PRIORITY_INTERACTIVE)
+    s.close()
+    order = [m.id for m in s.responses if m.WhichOneof("kind") == "finished"]
+    assert order[0] == "now"  # it finished before any background request
+    assert sorted(order[1:]) == ["bg0", "bg1", "bg2", "bg3"]  # and none of those was dropped
+
+
+def test_deadline_while_generating_keeps_streamed_text(daemon):
+    stub = daemon.stub()
+    s = SessionClient(stub)
+    s.start("d", text="take your time", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True,
+            deadline=Duration(nanos=20_000_000))
+    s.close()
+    msgs = list(s.responses)
+    tokens = sum(len(m.tokens.token_ids) for m in msgs if m.WhichOneof("kind") == "tokens")
+    (fin,) = [m.finished for m in msgs if m.WhichOneof("kind") == "finished"]
+    assert fin.reason == FR.FINISH_REASON_DEADLINE
+    assert fin.usage.completion_tokens == tokens < TINY_CONTEXT - 8
+    assert wait_until(lambda: daemon.engine.slots_in_use == 0)
+
+
+def run_turn(s: SessionClient, rid: str, conversation: str, **fields) -> tuple[list[int], pb.Finished]:
+    s._out.put(pb.SessionRequest(start=pb.StartRequest(id=rid, conversation_id=conversation,
+                                                       request=pb.GenerateRequest(**fields))))
+    ids = []
+    while True:
+        msg = s.next()
+        assert msg.id == rid and msg.WhichOneof("kind") != "error", msg
+        if msg.WhichOneof("kind") == "tokens":
+            ids += msg.tokens.token_ids
+        else:
+            return ids, msg.finished
+
+
+def test_conversation_turns_reuse_the_cache(daemon):
+    stub = daemon.stub()
+    s = SessionClient(stub)
+    s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="c1")))
+    first = [11, 12, 13, 14, 15]
+    out1, f1 = run_turn(s, "t1", "c1", token_ids=pb.TokenIds(ids=first), max_new_tokens=6, ignore_eos=True)
+    assert f1.usage.cached_prompt_tokens == 0
+    out2, f2 = run_turn(s, "t2", "c1", token_ids=pb.TokenIds(ids=[21, 22]), max_new_tokens=6, ignore_eos=True)
+    history = first + out1 + [21, 22]
+    assert f2.usage.prompt_tokens == len(history)
+    assert f2.usage.cached_prompt_tokens == len(first) + len(out1) - 1  # only the new tokens were prefilled
+    assert not f2.reprefilled
+    # The same history sent as a plain request gives the same tokens: the reused cache is right.
+    plain, _, _ = generate(stub, token_ids=pb.TokenIds(ids=history), max_new_tokens=6, ignore_eos=True)
+    assert out2 == plain
+    assert daemon.engine.slots_in_use == 1  # the idle conversation holds its slot
+    s._out.put(pb.SessionRequest(close_conversation=pb.CloseConversation(id="c1")))
+    s.close()
+    assert list(s.responses) == []
+    assert wait_until(lambda: daemon.engine.slots_in_use == 0)
+
+
+def test_chat_conversation_prefills_only_the_new_turn(daemon):
+    s = SessionClient(daemon.stub())
+    s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="chat")))
+    msg = lambda text: pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)])  # noqa: E731
+    _, f1 = run_turn(s, "q1", "chat", chat=msg("hello there"), max_new_tokens=5, ignore_eos=True)
+    _, f2 = run_turn(s, "q2", "chat", chat=msg("and then?"), max_new_tokens=5, ignore_eos=True)
+    assert f2.usage.prompt_tokens > f1.usage.prompt_tokens
+    assert f2.usage.cached_prompt_tokens >= f1.usage.prompt_tokens  # the first turn's prompt was not prefilled again
+    s.close()  # the conversation ends with its stream
+    assert list(s.responses) == []
+    assert wait_until(lambda: daemon.engine.slots_in_use == 0)
+
+
+def test_conversation_errors(daemon):
+    s = SessionClient(daemon.stub())
+    s.start("x", text="hi", max_new_tokens=2)
+    s._out.put(pb.SessionRequest(start=pb.StartRequest(id="y", conversation_id="missing",
+                                                       request=pb.GenerateRequest(text="hi"))))
+    s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="c")))
+    s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="c")))
+    s._out.put(pb.SessionRequest(close_conversation=pb.CloseConversation(id="nope")))
+    s.close()
+    errors = {m.id: m.error.code for m in s.responses if m.WhichOneof("kind") == "error"}
+    assert errors == {"y": grpc.StatusCode.NOT_FOUND.value[0], "c": grpc.StatusCode.ALREADY_EXISTS.value[0],
+                      "nope": grpc.StatusCode.NOT_FOUND.value[0]}
+
+
+def test_slow_reader_is_cut_off_without_stalling_the_engine(tiny_bundle, tmp_path):
+    from conftest import DaemonThread
+
+    sock = tmp_path / "slow.sock"
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(sock)}, "engine": {"slots": 2},
+                                   "generation": {"max_buffered_chunks": 48}}).start()
+    try:
+        # A tiny HTTP/2 window: the server soon cannot write, so undelivered chunks pile up on its side.
+        channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.http2.lookahead_bytes", 256),
+                                                                 ("grpc.http2.bdp_probe", 0)])
+        slow = pb_grpc.InferenceStub(channel).Generate(
+            pb.GenerateRequest(text="x", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True), timeout=30)
+        assert next(slow).HasField("tokens")
+        assert wait_until(lambda: not d.engine.running)  # ended while the client was not reading
+        # Meanwhile another client is served normally.
+        ids, _, fin = generate(d.stub(), text="fast", max_new_tokens=20, ignore_eos=True)
+        assert len(ids) == 20 and fin.reason == FR.FINISH_REASON_LENGTH
+        rest = list(slow)
+        fin = rest[-1].finished
+        assert fin.reason == FR.FINISH_REASON_CANCELLED
+        assert "did not read" in fin.message
+        assert fin.usage.completion_tokens < TINY_CONTEXT - 8
+    finally:
+        d.stop()

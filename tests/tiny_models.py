@@ -9,7 +9,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from tests.tiny_tokenizer import write_tiny_tokenizer
+from tiny_tokenizer import write_tiny_tokenizer
 
 # Small, but with grouped-query attention (4 query heads share 2 kv heads) and head_dim 16.
 _BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -61,8 +61,8 @@ class InferenceServicer:
 
     def Session(self, request_iterator, context):
         """A bidirectional stream carrying many requests at once, each named by a client-chosen id.
-        The client sends Start and Cancel messages; the server sends Tokens, Finished and Error
-        messages tagged with the request id. The stream ends when the client closes its side and
+        The client sends start, cancel and open/close-conversation messages; the server sends tokens,
+        finished and error messages tagged with the request (or conversation) id. The stream ends when the client closes its side and
         every request on it has finished (or when the client goes away, which cancels them all).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -71,7 +71,8 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """One request, its tokens streamed back; the last message carries `finished`.
-        Invalid requests fail the call with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED when full).
+        Invalid requests fail the call with INVALID_ARGUMENT; a full queue with RESOURCE_EXHAUSTED and
+        trailing metadata "retry-after-ms".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

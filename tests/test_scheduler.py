@@ -1,0 +1,295 @@
+"""The engine's scheduling on a fake backend and a fake clock: fast, deterministic, stepped by hand.
+
+The fake backend keeps, per slot, the token written at each cache position, and its "logits" pick
+a token that depends on every cached token up to the query position. So any mistake in positions,
+slots, cache reuse or re-prefill after preemption changes the generated tokens.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from daemon.sampling import SamplingParams
+from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
+                              TokenEvent, decode_rows, decode_shapes)
+
+VOCAB = 97
+EOS = 96
+MAX_SEQ = 65  # context 64 + the scratch position
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.kv_cache_bytes = 0
+        self.cache = np.full((slots, MAX_SEQ), -1, np.int64)
+        self.prefilled_tokens = 0
+        self.decode_shapes_seen: set[int] = set()
+        self._logits = np.zeros((slots, VOCAB), np.float32)
+
+    def _next_logits(self, row: int, pos: int, out: np.ndarray) -> None:
+        ctx = self.cache[row, :pos + 1]
+        assert (ctx >= 0).all(), f"slot {row} attends an unwritten position"
+        out.fill(0)
+        out[int((ctx * np.arange(1, pos + 2)).sum() % (VOCAB - 1))] = 10.0  # never EOS
+
+    def prefill(self, row, token_ids, start):
+        self.prefilled_tokens += len(token_ids)
+        self.cache[row, start:start + len(token_ids)] = token_ids
+        self._next_logits(row, start + len(token_ids) - 1, self._logits[row])
+        return self._logits[row]
+
+    def decode_binding(self, rows):
+        self.decode_shapes_seen.add(rows)
+        z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
+        return SimpleNamespace(rows=rows, input_ids=z(rows, 1), position_ids=z(rows, 1), write_indices=z(rows))
+
+    def decode(self, b):
+        for r in range(b.rows):
+            self.cache[r, b.write_indices[r]] = b.input_ids[r, 0]
+            if b.write_indices[r] == MAX_SEQ - 1:  # an idle row: written to the scratch slot, logits unused
+                assert b.position_ids[r, 0] == 0
+                continue
+            self._next_logits(r, int(b.position_ids[r, 0]), self._logits[r])
+        return self._logits[:b.rows]
+
+
+class FakeTokenizer:
+    eos_token_ids = frozenset({EOS})
+    vocab_size = VOCAB
+
+    def decode(self, ids):
+        return "".join(chr(0x61 + i % 26) for i in ids)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+class Recorder:
+    """A sink that keeps one request's events."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.finished: FinishEvent | None = None
+
+    def __call__(self, ev):
+        if isinstance(ev, TokenEvent):
+            self.tokens += ev.token_ids
+        else:
+            assert self.finished is None, "two finish events"
+            self.finished = ev
+
+
+def make_engine(slots=2, chunk=16, max_queued=8):
+    clock = Clock()
+    eng = Engine(FakeBackend(slots), FakeTokenizer(), MAX_SEQ - 1, prefill_chunk_tokens=chunk,
+                 max_queued=max_queued, clock=clock)
+    return eng, clock
+
+
+def seq(prompt, n, clock, priority=Priority.NORMAL, **kw):
+    rec = Recorder()
+    s = Sequence(list(prompt), SamplingParams(temperature=0), n, sink=rec, arrival=clock(), priority=priority, **kw)
+    return s, rec
+
+
+def run(eng, until, max_steps=500):
+    for _ in range(max_steps):
+        if until():
+            return
+        eng.step()
+    raise AssertionError("did not finish")
+
+
+def alone(prompt, n):
+    eng, clock = make_engine(slots=1)
+    s, rec = seq(prompt, n, clock)
+    eng.submit(s)
+    run(eng, lambda: rec.finished)
+    return rec.tokens
+
+
+def test_decode_rows_are_powers_of_two():
+    assert [decode_rows(s, 8) for s in range(8)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert decode_rows(5, 6) == 6
+    assert decode_shapes(6) == [1, 2, 4, 6]
+
+
+def test_interleaved_arrivals_match_running_alone():
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
+    expected = [alone(p, 12) for p in prompts]
+    eng, clock = make_engine(slots=2, chunk=3)
+    recs = []
+    for i, p in enumerate(prompts):  # arrivals spread over the first steps
+        s, rec = seq(p, 12, clock)
+        eng.submit(s)
+        recs.append(rec)
+        eng.step()
+    run(eng, lambda: all(r.finished for r in recs))
+    assert [r.tokens for r in recs] == expected
+    assert all(r.finished.reason == FinishReason.LENGTH for r in recs)
+    assert eng.backend.decode_shapes_seen <= {1, 2}
+    assert eng.free_slots == [0, 1] and not eng.running
+
+
+def test_long_prompt_is_chunked_and_does_not_stall_decodes():
+    eng, clock = make_engine(slots=2, chunk=4)
+    a, ra = seq([1, 2], 30, clock)
+    eng.submit(a)
+    eng.step()
+    assert len(ra.tokens) == 1
+    b, rb = seq(list(range(1, 41)), 3, clock)  # 40 tokens: 10 chunks of 4
+    eng.submit(b)
+    for i in range(10):
+        before = eng.backend.prefilled_tokens
+        eng.step()
+        assert eng.backend.prefilled_tokens - before <= 4  # the prefill budget per step
+        assert len(ra.tokens) == 2 + i  # the running request got a token every step
+    assert len(rb.tokens) == 1  # b's first token came with its last chunk
+    run(eng, lambda: ra.finished and rb.finished)
+    assert rb.tokens == alone(list(range(1, 41)), 3)
+
+
+def test_cancel_frees_the_slot_within_one_step():
+    eng, clock = make_engine(slots=1)
+    s, rec = seq([1, 2, 3], 50, clock)
+    eng.submit(s)
+    run(eng, lambda: len(rec.tokens) >= 3)
+    eng.cancel(s)
+    eng.step()
+    assert rec.finished.reason == FinishReason.CANCELLED
+    assert eng.free_slots == [0] and not eng.running
+    assert rec.finished.completion_tokens == len(rec.tokens)
+
+
+def test_deadlines_shed_queued_requests_and_end_running_ones():
+    eng, clock = make_engine(slots=1)
+    running, r1 = seq([1, 2], 50, clock, deadline=clock() + 5)
+    queued, r2 = seq([3], 5, clock, deadline=clock() + 1)
+    eng.submit(running)
+    eng.submit(queued)
+    for _ in range(3):
+        eng.step()
+    clock.t += 2  # the queued request's deadline passes before it ever got a slot
+    eng.step()
+    assert r2.finished.reason == FinishReason.DEADLINE and r2.tokens == []
+    assert r1.finished is None
+    clock.t += 5
+    eng.step()
+    assert r1.finished.reason == FinishReason.DEADLINE
+    assert len(r1.tokens) == 4 == r1.finished.completion_tokens  # the text already streamed is kept
+    assert eng.free_slots == [0]
+
+
+def test_interactive_preempts_background_which_resumes_intact():
+    eng, clock = make_engine(slots=2)
+    bg = []
+    for i in (1, 10):
+        clock.t += 0.1
+        bg.append(seq([i, i + 1, i + 2], 20, clock, Priority.BACKGROUND))
+        eng.submit(bg[-1][0])
+    run(eng, lambda: all(len(r.tokens) >= 5 for _, r in bg))
+    clock.t += 1
+    urgent, ru = seq([7, 7, 7], 4, clock, Priority.INTERACTIVE)
+    eng.submit(urgent)
+    eng.step()
+    assert len(ru.tokens) == 1  # first token in the very next step
+    preempted = [s for s, _ in bg if s.preemptions]
+    assert len(preempted) == 1 and preempted[0] is bg[1][0]  # the latest-arrived of the lowest class
+    run(eng, lambda: ru.finished)
+    assert not any(r.finished for _, r in bg)  # the interactive request finished first
+    run(eng, lambda: all(r.finished for _, r in bg))
+    for (s, r), first in zip(bg, (1, 10)):
+        assert r.tokens == alone([first, first + 1, first + 2], 20)  # resumed by re-prefill, nothing lost
+        assert r.finished.reason == FinishReason.LENGTH
+    assert bg[1][1].finished.preemptions == 1
+
+
+def test_higher_class_is_admitted_first():
+    eng, clock = make_engine(slots=1)
+    first, r0 = seq([1], 3, clock, Priority.NORMAL)
+    eng.submit(first)
+    eng.step()
+    later = [seq([2], 3, clock, Priority.BACKGROUND), seq([3], 3, clock, Priority.NORMAL)]
+    for s, _ in later:
+        eng.submit(s)
+    run(eng, lambda: r0.finished)
+    eng.step()
+    assert later[1][0].slot == 0 and later[0][0].slot is None  # normal before background, despite arrival
+    # Equal classes never preempt each other.
+    assert later[1][0].preemptions == 0
+
+
+def test_queue_bound_raises_with_a_retry_hint():
+    eng, clock = make_engine(slots=1, max_queued=2)
+    for i in range(2):
+        eng.submit(seq([i + 1], 3, clock)[0])
+    with pytest.raises(QueueFullError) as err:
+        eng.submit(seq([9], 3, clock)[0])
+    assert err.value.retry_after_s > 0
+
+
+def test_conversation_turn_prefills_only_new_tokens():
+    eng, clock = make_engine(slots=2)
+    conv = Conversation("c")
+    t1, r1 = seq([1, 2, 3, 4, 5], 6, clock, conversation=conv)
+    eng.submit(t1)
+    run(eng, lambda: r1.finished)
+    assert conv.slot is not None and eng.slots_in_use == 1  # the idle conversation keeps its slot
+    history = [1, 2, 3, 4, 5, *r1.tokens]
+    before = eng.backend.prefilled_tokens
+    t2, r2 = seq([*history, 8, 9], 4, clock, conversation=conv)
+    eng.submit(t2)
+    run(eng, lambda: r2.finished)
+    # Cached: the prompt and all outputs but the last (which was sampled, never fed).
+    assert r2.finished.cached_prompt_tokens == len(history) - 1
+    assert eng.backend.prefilled_tokens - before == 3
+    assert r2.tokens == alone([*history, 8, 9], 4)
+    assert not r2.finished.reprefilled
+    eng.close(conv)
+    eng.step()
+    assert conv.slot is None and eng.slots_in_use == 0
+
+
+def test_idle_conversation_is_evicted_under_pressure_and_reprefills():
+    eng, clock = make_engine(slots=1)
+    conv = Conversation("c")
+    t1, r1 = seq([1, 2, 3], 4, clock, conversation=conv)
+    eng.submit(t1)
+    run(eng, lambda: r1.finished)
+    other, ro = seq([5, 6], 3, clock)
+    eng.submit(other)  # needs the only slot, held by the idle conversation
+    run(eng, lambda: ro.finished)
+    assert conv.slot is None and conv.evicted
+    history = [1, 2, 3, *r1.tokens]
+    t2, r2 = seq([*history, 7], 3, clock, conversation=conv)
+    eng.submit(t2)
+    run(eng, lambda: r2.finished)
+    assert r2.finished.reprefilled and r2.finished.cached_prompt_tokens == 0
+    assert r2.tokens == alone([*history, 7], 3)
+
+
+def test_stop_on_eos_and_metrics_use_the_clock():
+    eng, clock = make_engine(slots=1)
+    s, rec = seq([1], 5, clock)
+    clock.t += 0  # arrival == now
+    eng.submit(s)
+    clock.t += 2.5  # queued for 2.5 s before its first step
+    eng.step()
+    assert rec.tokens and rec.finished is None
+    queue = eng.metrics.registry.get_sample_value("edgellm_queue_time_seconds_sum", {"priority": "normal"})
+    assert queue == pytest.approx(2.5)
+    eng.backend._next_logits = lambda row, pos, out: (out.fill(0), out.__setitem__(EOS, 10.0))
+    eng.step()
+    assert rec.finished.reason == FinishReason.STOP
+    assert eng.metrics.registry.get_sample_value("edgellm_requests_total", {"priority": "normal", "reason": "stop"}) == 1
