@@ -115,3 +115,28 @@ def test_bad_config_names_the_key(tmp_path):
     result = run("serve", "--config", str(cfg), timeout=60)
     assert result.returncode == 2
     assert "engine.slots" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_model_answers_through_the_daemon(tmp_path):
+    """The README's first command: `serve` with no bundle builds the demo model once, then chats."""
+    import os
+
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "demo_model"  # shared with test_gguf
+    sock = tmp_path / "demo.sock"
+    env_cache = {**os.environ, "EDGELLM_CACHE": str(cache)}
+    proc = subprocess.Popen([*EDGELLM, "serve", "--unix", str(sock)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_cache)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if "ready on" in line:
+                break
+        assert "ready on" in line, proc.stderr.read()
+        chat = run("chat", "What is the capital of France?", "--address", str(sock), "-v", timeout=120)
+        assert chat.returncode == 0, chat.stderr
+        assert "Paris" in chat.stdout
+        assert "FINISH_REASON_STOP" in chat.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
