@@ -9,13 +9,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from build_engine.bundle_writer import describe_io, write_bundle
+from build_engine.bundle_writer import describe_io, weight_bytes_per_token, write_bundle
 from build_engine.model_spec import ModelSpec
 
 log = logging.getLogger("edgellm.build")
 
-TARGETS = ("cpu",)
-PRECISION_DTYPES = {"fp32": "float32"}
+# What each (target, precision) builds: the graph's float type (also the KV cache's) and the quantization
+# applied to it. TensorRT int8/fp8: Q/DQ nodes from build_engine/quantize.py on a float16 graph.
+# CPU int8/int4: weight-only MatMulNBits (build_engine/weight_quant.py) on a float32 graph.
+BUILD_PLANS: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("cpu", "fp32"): ("float32", None),
+    ("cpu", "int8"): ("float32", "weights-int8"),
+    ("cpu", "int4"): ("float32", "weights-int4"),
+    ("tensorrt", "fp16"): ("float16", None),
+    ("tensorrt", "bf16"): ("bfloat16", None),
+    ("tensorrt", "int8"): ("float16", "int8"),
+    ("tensorrt", "fp8"): ("float16", "fp8"),
+}
+TARGETS = tuple(dict.fromkeys(t for t, _ in BUILD_PLANS))
 DEFAULT_CONTEXT_LENGTH = 2048
 GRAPH_FILE = "model.onnx"
 
@@ -67,14 +78,18 @@ def load_checkpoint(model: Path) -> tuple[ModelSpec, dict, str, dict[str, Any], 
 
 
 def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str = "fp32",
-                 context_length: int = DEFAULT_CONTEXT_LENGTH, force: bool = False) -> Path:
-    """Build the bundle for `model` into folder `out`; returns its path."""
+                 context_length: int = DEFAULT_CONTEXT_LENGTH, force: bool = False,
+                 calibration_text: str | None = None) -> Path:
+    """Build the bundle for `model` into folder `out`; returns its path.
+
+    calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text)."""
     from build_engine.onnx_graph import build_graph, save_graph
 
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; this build supports: {', '.join(TARGETS)}")
-    if precision not in PRECISION_DTYPES:
-        raise BuildError(f"precision {precision!r} is not available for target {target}; choose from: {', '.join(PRECISION_DTYPES)}")
+    if (target, precision) not in BUILD_PLANS:
+        choices = [p for t, p in BUILD_PLANS if t == target]
+        raise BuildError(f"precision {precision!r} is not available for target {target}; choose from: {', '.join(choices)}")
     if context_length < 16:
         raise BuildError(f"context length {context_length} is too small (at least 16)")
     if Path(out).exists() and not force:
@@ -84,8 +99,19 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     log.info("read %s checkpoint %s (%s, %d layers) in %.1fs", source_format, model, spec.hf_architecture,
              spec.num_layers, time.monotonic() - t0)
     max_seq = context_length + 1  # one extra position: the write sink of idle rows in a batched step
-    dtype = PRECISION_DTYPES[precision]
-    graph = build_graph(spec, weights, max_seq=max_seq, dtype=dtype)
+    dtype, quantization = BUILD_PLANS[(target, precision)]
+    extra_manifest: dict[str, Any] = {}
+    if target == "tensorrt":
+        from build_engine.trt_build import prepare_tensorrt_graph
+
+        graph, extra_manifest = prepare_tensorrt_graph(spec, weights, tok_json, precision, dtype, quantization,
+                                                       max_seq, calibration_text)
+    elif quantization:
+        from build_engine.weight_quant import prepare_cpu_graph
+
+        graph, extra_manifest = prepare_cpu_graph(spec, weights, tok_json, precision, max_seq)
+    else:
+        graph = build_graph(spec, weights, max_seq=max_seq, dtype=dtype)
     del weights
 
     def payload(folder: Path) -> None:
@@ -102,6 +128,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
             "file": GRAPH_FILE,
             "format": "onnx",
             "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "weight_bytes_per_token": weight_bytes_per_token(graph),
             "inputs": describe_io(graph.graph.input),
             "outputs": describe_io(graph.graph.output),
             "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "max_seq": max_seq,
@@ -110,6 +137,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
                          "outputs": [f"present_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")]},
         },
         "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
+        **extra_manifest,
     }
     path = write_bundle(out, payload, manifest, force=force)
     log.info("wrote bundle %s in %.1fs", path, time.monotonic() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -20,6 +21,22 @@ from edgellm import __version__
 _ONNX_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                     onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
                     onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+
+
+def weight_bytes_per_token(model: onnx.ModelProto) -> int:
+    """Bytes of initializers a decode step reads whole: all but tables that only a Gather reads (a row per token).
+
+    With the KV cache in use, this is what bounds decode speed on a CPU (memory bandwidth / bytes per token)."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for t in model.graph.initializer:
+        if readers.get(t.name, {"Gather"}) == {"Gather"}:
+            continue
+        total += math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
 
 
 def describe_io(values: Any) -> list[dict[str, Any]]:
@@ -72,3 +89,24 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def update_bundle(path: Path, new_files: dict[str, bytes], manifest_changes: dict[str, Any]) -> None:
+    """Add (or replace) files in an existing bundle and update its manifest: checksums, bundle id, changes.
+
+    Each file is written beside its final name and renamed into place, the manifest last, so a crash
+    leaves either the old manifest (which does not list the new file) or the complete new one."""
+    path = Path(path)
+    manifest = yaml.safe_load((path / MANIFEST_NAME).read_text())
+    for name, data in new_files.items():
+        tmp = path / f".{name}.tmp-{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.rename(path / name)
+        manifest["files"][name] = file_sha256(path / name)
+    files = dict(sorted(manifest.pop("files").items()))
+    manifest.update(manifest_changes)
+    manifest["bundle_id"] = hashlib.sha256("".join(f"{n}:{d}\n" for n, d in files.items()).encode()).hexdigest()[:16]
+    manifest["files"] = files
+    tmp = path / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    tmp.rename(path / MANIFEST_NAME)

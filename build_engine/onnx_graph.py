@@ -149,8 +149,12 @@ class _Builder:
 
 
 def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int,
-                dtype: str = "float32") -> onnx.ModelProto:
-    """The whole decoder as one graph: prefill and decode, batched, with a static KV cache of max_seq slots."""
+                dtype: str = "float32", live_kv_prefix: bool = True) -> onnx.ModelProto:
+    """The whole decoder as one graph: prefill and decode, batched, with a static KV cache of max_seq slots.
+
+    live_kv_prefix=False attends over all max_seq slots (the mask hides the unused ones): every shape then
+    follows from the input shapes alone, which TensorRT's CUDA-graph capture needs (a shape computed from
+    position_ids' values would be data-dependent)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not in {', '.join(DTYPES)}")
     if max_seq < 1:
@@ -183,9 +187,12 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
     # Attention reads only the cache prefix [0, kv_len) that some query can see, kv_len = max position + 1:
     # the cache stays static, but a step costs what the longest live sequence needs, not max_seq.
     # (Idle rows of a batch sit at position 0; their writes go to the scratch slot, outside the prefix.)
-    max_pos = g.op("ReduceMax", ["position_ids"], "kv.max_pos", keepdims=0)
-    kv_len = g.op("Add", [max_pos, g.ints("one", 1)], "kv.len")  # a scalar
-    kv_end = g.op("Unsqueeze", [kv_len, g.ints("axes.0", [0])], "kv.end")  # [1]
+    if live_kv_prefix:
+        max_pos = g.op("ReduceMax", ["position_ids"], "kv.max_pos", keepdims=0)
+        kv_len = g.op("Add", [max_pos, g.ints("one", 1)], "kv.len")  # a scalar
+        kv_end = g.op("Unsqueeze", [kv_len, g.ints("axes.0", [0])], "kv.end")  # [1]
+    else:
+        kv_len = g.ints("kv.len", max_seq)
     # Attention mask from positions, shared by all layers: [batch, 1, tokens, kv_len] bool.
     slots = g.op("Range", [g.ints("zero", 0), kv_len, g.ints("one", 1)], "mask.slots")
     pos = g.op("Unsqueeze", ["position_ids", g.ints("axes.last", [-1])], "mask.pos")  # [batch, tokens, 1]
@@ -211,8 +218,9 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
         k = g.op("RotaryEmbedding", [k, cos_cache, sin_cache, "position_ids"], o + "k_rope", interleaved=0)
         k_all = g.op("TensorScatter", [f"past_key.{i}", k, "write_indices"], f"present_key.{i}", axis=2)
         v_all = g.op("TensorScatter", [f"past_value.{i}", v, "write_indices"], f"present_value.{i}", axis=2)
-        k_all = g.op("Slice", [k_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "k_live")
-        v_all = g.op("Slice", [v_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "v_live")
+        if live_kv_prefix:
+            k_all = g.op("Slice", [k_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "k_live")
+            v_all = g.op("Slice", [v_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "v_live")
         y = g.op("Attention", [q, k_all, v_all, mask], o + "attn", q_num_heads=nh, kv_num_heads=nkv,
                  scale=1.0 / math.sqrt(d))
         y = g.op("Transpose", [y], o + "attn.t", perm=[0, 2, 1, 3])

@@ -7,6 +7,7 @@ daemon loads it here, refusing any bundle whose files do not match the checksums
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,8 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing (is {path} an edgellm bundle?)")
     try:
-        manifest = yaml.safe_load(manifest_path.read_text())
+        # The C loader when PyYAML has it: 10x faster on a manifest, which counts at daemon start.
+        manifest = yaml.load(manifest_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise BundleError(f"{manifest_path}: not valid YAML: {e}") from None
     if not isinstance(manifest, dict) or "files" not in manifest:
@@ -89,11 +91,28 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format version {version!r}, this edgellm reads {FORMAT_VERSION}; rebuild the bundle")
+    bundle = Bundle(path, manifest)
     if verify:
-        for name, digest in manifest["files"].items():
-            f = path / name
-            if not f.is_file():
-                raise BundleError(f"{f}: listed in the manifest but missing")
-            if file_sha256(f) != digest:
-                raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
-    return Bundle(path, manifest)
+        verify_bundle(bundle)
+    return bundle
+
+
+def verify_bundle(bundle: Bundle) -> None:
+    """Check every file against the manifest's sha256; raise BundleError naming the first that differs."""
+    for name, digest in bundle.manifest["files"].items():
+        f = bundle.path / name
+        if not f.is_file():
+            raise BundleError(f"{f}: listed in the manifest but missing")
+        if file_sha256(f) != digest:
+            raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
+
+
+def verify_in_background(bundle: Bundle) -> Future[None]:
+    """Run verify_bundle on its own thread, so that it overlaps loading the model (hashlib releases the GIL).
+
+    The daemon waits for the result before it serves: a changed byte is still refused before READY, but start-up
+    costs max(hash, load) instead of their sum."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="edgellm-verify")
+    future = pool.submit(verify_bundle, bundle)
+    pool.shutdown(wait=False)
+    return future

@@ -29,6 +29,8 @@ def default_unix_socket() -> str:
 class ListenConfig:
     unix: str | None = field(default_factory=default_unix_socket)  # Unix socket path; null disables it
     tcp: str | None = None  # "host:port", e.g. "127.0.0.1:50051"; null disables TCP
+    unix_mode: str = "0660"  # octal file mode of the Unix socket the daemon creates
+    unix_group: str | None = None  # group (name or id) of that socket; null: the daemon's group
 
 
 @dataclass
@@ -50,6 +52,30 @@ class GenerationConfig:
 @dataclass
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
+    file: str | None = None  # log file (reopened on SIGHUP); null: stderr (journald under systemd)
+
+
+@dataclass
+class AccessConfig:
+    allow_uids: list[int] | None = None  # Unix-socket peers allowed by user id (SO_PEERCRED); null: anyone
+    allow_gids: list[int] | None = None  # ... or by primary or supplementary group id
+    tls_cert: str | None = None  # PEM certificate chain for TCP; with tls_key, TCP speaks TLS only
+    tls_key: str | None = None  # PEM private key
+    tls_client_ca: str | None = None  # PEM CA bundle: TCP clients must present a certificate it signed (mTLS)
+    token_file: str | None = None  # file holding a bearer token TCP clients must send ("authorization: Bearer ...")
+
+
+@dataclass
+class LimitsConfig:
+    max_message_bytes: int = 16 * 1024 * 1024  # largest gRPC message received or sent
+    max_prompt_tokens: int = 0  # longest prompt accepted; 0: the bundle's context length
+    max_requests_per_connection: int = 64  # requests running or queued at once from one client connection
+
+
+@dataclass
+class ServiceConfig:
+    drain_seconds: float = 30.0  # on SIGTERM: how long running requests may go on before they are cancelled
+    metrics: str | None = None  # "host:port" of the Prometheus endpoint (/metrics); null disables it
 
 
 @dataclass
@@ -59,11 +85,16 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
-             "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1}
+             "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1,
+             "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_requests_per_connection": 1,
+             "service.drain_seconds": 0.0}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error")}
 
 
@@ -86,6 +117,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             values[name] = None
             continue
         base = next(t for t in allowed if t is not type(None))
+        if typing.get_origin(base) is list:  # e.g. list[int]: a YAML list of that type
+            item = typing.get_args(base)[0]
+            if not isinstance(value, list) or any(not isinstance(v, item) or isinstance(v, bool) for v in value):
+                raise ConfigError(f"'{key}' must be a list of {item.__name__}, got {value!r}")
+            values[name] = value
+            continue
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, base) or (base is int and isinstance(value, bool)):
@@ -103,6 +140,15 @@ def parse_config(data: Any) -> Config:
     cfg = _build(Config, data if data is not None else {}, "")
     if not cfg.listen.unix and not cfg.listen.tcp:
         raise ConfigError("'listen': at least one of 'listen.unix' and 'listen.tcp' must be set")
+    try:
+        if not 0 <= int(cfg.listen.unix_mode, 8) <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"'listen.unix_mode' must be an octal file mode like \"0660\", got {cfg.listen.unix_mode!r}") from None
+    if (cfg.access.tls_cert is None) != (cfg.access.tls_key is None):
+        raise ConfigError("'access.tls_cert' and 'access.tls_key' go together: set both or neither")
+    if cfg.access.tls_client_ca and not cfg.access.tls_cert:
+        raise ConfigError("'access.tls_client_ca' (mutual TLS) needs 'access.tls_cert' and 'access.tls_key'")
     return cfg
 
 

@@ -40,6 +40,8 @@ class EngineMetrics:
                                 ["priority", "reason"], registry=r)
         self.preemptions = Counter("edgellm_preemptions", "Running requests paused for a higher class.", registry=r)
         self.evictions = Counter("edgellm_conversation_evictions", "Idle conversation caches evicted.", registry=r)
+        self.request_errors = Counter("edgellm_request_errors", "Requests or calls refused or failed, by gRPC status code.",
+                                      ["code"], registry=r)
 
     def bind_gauges(self, queue_length: Callable[[], float], slots_in_use: Callable[[], float],
                     kv_cache_tokens: Callable[[], float]) -> None:
@@ -49,3 +51,16 @@ class EngineMetrics:
         Gauge("edgellm_slots_in_use", "Slots held by running requests or idle conversations.",
               registry=r).set_function(slots_in_use)
         Gauge("edgellm_kv_cache_tokens", "Token positions of the KV cache in use.", registry=r).set_function(kv_cache_tokens)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str):
+    """Serve `registry` in the Prometheus text format at http://address/metrics on a thread of its own.
+
+    Returns the HTTP server (`.server_port` is the bound port; `.shutdown()` stops it)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"service.metrics must be host:port, got {address!r}")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return server

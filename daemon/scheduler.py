@@ -169,7 +169,8 @@ class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, context_length: int, *,
                  prefill_chunk_tokens: int = 32, max_queued: int = 64,
                  loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -191,6 +192,10 @@ class Engine:
         self._events: list[tuple[Sink, TokenEvent | FinishEvent]] = []
         self._recent_durations: list[float] = []
         self.steps = 0
+        # Called on the engine thread after every step, and every heartbeat_s while idle: proof of progress
+        # for systemd's watchdog (a step stuck in the backend stops the calls).
+        self.heartbeat = heartbeat
+        self.heartbeat_s = heartbeat_s
 
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -253,7 +258,9 @@ class Engine:
         while True:
             with self._cond:
                 while not self._stopping and self._idle():
-                    self._cond.wait()
+                    self._cond.wait(self.heartbeat_s)
+                    if self.heartbeat:
+                        self.heartbeat()
                 if self._stopping:
                     break
             try:
@@ -263,6 +270,8 @@ class Engine:
                 for seq in list(self.running):
                     self._finish(seq, FinishReason.ERROR, message=f"engine failure: {e}")
                 self._flush()
+            if self.heartbeat:
+                self.heartbeat()
         with self._cond:
             leftover, self._waiting = [*self.running, *self._waiting], []
         for seq in leftover:

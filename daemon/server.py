@@ -8,10 +8,15 @@ or a RequestError message for that request id (Session); the stream itself goes 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import itertools
 import logging
 import os
+import shutil
 import signal
+import socket
 import stat
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +28,13 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from daemon.bundle import Bundle
-from daemon.config import Config, GenerationConfig
+from daemon.access import AccessGuard, Connections, Peer, read_token, server_tls_context
+from daemon.bundle import Bundle, verify_in_background
+from daemon.config import Config, GenerationConfig, LimitsConfig
+from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
+from daemon.metrics import serve_metrics
+from daemon.request_log import log_request, reopen_log_files
+from daemon.systemd import Notifier, listen_sockets
 from daemon.sampling import SamplingParams
 from daemon.metrics import EngineMetrics
 from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
@@ -37,7 +47,6 @@ from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 log = logging.getLogger("edgellm.server")
 
 MAX_REQUEST_ID_BYTES = 128
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _PRIORITIES = {pb.PRIORITY_UNSPECIFIED: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
                pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_BACKGROUND: Priority.BACKGROUND}
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -106,12 +115,19 @@ def finished_message(ev: FinishEvent) -> pb.Finished:
 
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, bundle: Bundle, generation: GenerationConfig,
-                 model_info: pb.ModelInfo):
+                 model_info: pb.ModelInfo, limits: LimitsConfig | None = None, connections: Connections | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.bundle = bundle
         self.generation = generation
         self.model_info = model_info
+        self.limits = limits or LimitsConfig()
+        self.connections = connections or Connections()
+        self.draining = False  # set on SIGTERM: new requests are refused with UNAVAILABLE
+        self.live: set[Sequence] = set()  # submitted and not finished (event loop only)
+        self.all_done = asyncio.Event()  # set while `live` is empty
+        self.all_done.set()
+        self._generate_ids = itertools.count(1)
         # Tokenizing a long prompt or rendering a template takes milliseconds: never on the event loop.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
 
@@ -179,6 +195,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {req.priority}")
         ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req, conv)
         ctx = self.engine.context_length
+        if self.limits.max_prompt_tokens and len(ids) > self.limits.max_prompt_tokens:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(ids)} tokens; this server accepts at most {self.limits.max_prompt_tokens} (limits.max_prompt_tokens)")
         if len(ids) >= ctx:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(ids)} tokens; the context holds {ctx} (prompt plus at least one new token)")
         if req.HasField("max_new_tokens"):
@@ -190,17 +208,33 @@ class InferenceService(pb_grpc.InferenceServicer):
         return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
                         priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None)
 
-    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None = None) -> None:
+    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None = None, peer: Peer | None = None,
+                rid: str = "") -> None:
         """Queue seq in the engine, its events going to `events` (tagged with the request id on a Session).
 
         A client that reads too slowly lets its undelivered chunks pile up here, never in the engine:
         past the bound the request is cancelled with a message saying so.
         """
+        if self.draining:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the server is shutting down and takes no new requests; retry on another instance")
+        peer = peer or Peer("unknown")
+        if peer.live >= self.limits.max_requests_per_connection:
+            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this connection already has {peer.live} requests running or queued (limits.max_requests_per_connection)", 1.0)
         limit = self.generation.max_buffered_chunks
 
         def sink(ev: TokenEvent | FinishEvent) -> None:
             events.put_nowait(ev if tag is None else (tag, ev))
-            if events.qsize() > limit and not seq.cancel_requested:
+            if isinstance(ev, FinishEvent):
+                peer.live -= 1
+                self.live.discard(seq)
+                if not self.live:
+                    self.all_done.set()
+                log_request(id=rid, **peer.log_fields(), priority=seq.priority.name.lower(),
+                            prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_prompt_tokens,
+                            completion_tokens=ev.completion_tokens, queue_ms=round(ev.queue_s * 1e3, 1),
+                            ttft_ms=round(ev.ttft_s * 1e3, 1), duration_ms=round(ev.total_s * 1e3, 1),
+                            reason=ev.reason.value, **({"message": ev.message} if ev.message else {}))
+            elif events.qsize() > limit and not seq.cancel_requested:
                 self.engine.cancel(seq, f"the client did not read its stream: {limit} chunks were waiting")
 
         seq.sink = sink
@@ -209,14 +243,25 @@ class InferenceService(pb_grpc.InferenceServicer):
         except QueueFullError as e:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry in {e.retry_after_s:.1f}s",
                                   e.retry_after_s) from None
+        peer.live += 1
+        self.live.add(seq)
+        self.all_done.clear()
+
+    def _refused(self, rid: str, peer: Peer | None, code: grpc.StatusCode, message: str) -> None:
+        """Count and log a request that ended before the engine saw it."""
+        self.engine.metrics.request_errors.labels(code.name).inc()
+        log_request(id=rid, **(peer or Peer("unknown")).log_fields(), reason="refused", code=code.name, message=message)
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         events: asyncio.Queue = asyncio.Queue()
+        peer = self.connections.of(context)
+        rid = f"generate-{next(self._generate_ids)}"
         try:
             seq = await self._prepare(request, context.time_remaining())
-            self._submit(seq, events)
+            self._submit(seq, events, None, peer, rid)
         except RequestRejected as e:
+            self._refused(rid, peer, e.code, e.message)
             if e.retry_after_s is not None:
                 context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
             await context.abort(e.code, e.message)
@@ -240,8 +285,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         conversations: dict[str, ConversationState] = {}
         replies: dict[str, list[str]] = {}  # text streamed so far, for conversation turns
         end_of_input = object()
+        peer = self.connections.of(context)
 
         def reject(rid: str, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+            self._refused(rid, peer, code, message)
             err = pb.RequestError(code=code.value[0], message=message)
             if retry_after_s is not None:
                 err.retry_after.CopyFrom(_duration(retry_after_s))
@@ -264,7 +311,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             live[rid] = None
             try:
                 seq = await self._prepare(msg.request, context.time_remaining(), conv)
-                self._submit(seq, out, rid)
+                self._submit(seq, out, rid, peer, rid)
                 live[rid] = seq
                 if conv is not None:
                     turns[rid] = conv
@@ -365,7 +412,7 @@ def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: in
         source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
         backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
         vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes,
-        edgellm_version=__version__)
+        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
 
 
 def prepare_unix_socket(path: str) -> None:
@@ -380,44 +427,114 @@ def prepare_unix_socket(path: str) -> None:
 
 
 class Daemon:
-    """The running service: engine thread plus gRPC server, started and stopped together."""
+    """The running service: engine thread, gRPC server and front door, started and stopped together.
 
-    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend) -> None:
+    The gRPC server listens on a private socket only; the public sockets (bound here, or inherited
+    from systemd) belong to the front door, which checks who connects (see daemon/front.py).
+    """
+
+    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend,
+                 notifier: Notifier | None = None, inherited: list[socket.socket] | None = None) -> None:
         self.config = config
         self.bundle = bundle
         self.tokenizer = tokenizer
         self.backend = backend
+        self.notifier = notifier or Notifier({})
+        self.inherited = inherited or []
         self.engine: Engine | None = None
+        self.service: InferenceService | None = None
         self.server: grpc.aio.Server | None = None
+        self.front: FrontDoor | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.metrics = EngineMetrics()
+        self.metrics_server = None
+        self.metrics_address: str | None = None
         self.addresses: list[str] = []
+        self._own_unix_socket: str | None = None
+        self._relay_dir: str | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         cfg = self.config
+        watchdog = self.notifier.watchdog_s
         self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
                              prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
-                             loop=asyncio.get_running_loop(), metrics=self.metrics)
+                             loop=asyncio.get_running_loop(), metrics=self.metrics,
+                             heartbeat=self.notifier.progress if watchdog else None,
+                             heartbeat_s=watchdog / 4 if watchdog else None)
+        token = read_token(cfg.access.token_file) if cfg.access.token_file else None
+        tls = server_tls_context(cfg.access)
+        connections = Connections()
         self.engine.start()
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes)
-        service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info)
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        pb_grpc.add_InferenceServicer_to_server(service, self.server)
+        info.cuda_graphs = getattr(self.backend, "cuda_graphs", "")
+        self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
+                                        connections)
+        guard = AccessGuard(cfg.access, connections, token,
+                            on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
+        limit = cfg.limits.max_message_bytes
+        self.server = grpc.aio.server(interceptors=[guard], options=[("grpc.max_receive_message_length", limit),
+                                                                     ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        if cfg.listen.unix:
-            prepare_unix_socket(cfg.listen.unix)
-            self.server.add_insecure_port(f"unix:{cfg.listen.unix}")
-            self.addresses.append(f"unix:{cfg.listen.unix}")
-        if cfg.listen.tcp:
-            port = self.server.add_insecure_port(cfg.listen.tcp)
-            host = cfg.listen.tcp.rsplit(":", 1)[0]
-            self.addresses.append(f"{host}:{port}")
+        self._set_serving(False)  # NOT_SERVING until everything below is up
+        self._relay_dir = tempfile.mkdtemp(prefix="edgellm-")  # 0700: only this user reaches the gRPC socket
+        grpc_path = os.path.join(self._relay_dir, "grpc.sock")
+        self.server.add_insecure_port(f"unix:{grpc_path}")
+        self.front = FrontDoor(grpc_path, self._relay_dir, connections, tls)
+        for sock in self._listeners():
+            self.front.add(sock)
+        self.addresses = [address_of(sock) for sock in self.front.listeners]
         await self.server.start()
+        self.front.start()
+        if cfg.service.metrics:
+            self.metrics_server = serve_metrics(self.metrics.registry, cfg.service.metrics)
+            self.metrics_address = f"{cfg.service.metrics.rpartition(':')[0]}:{self.metrics_server.server_port}"
         self._set_serving(True)
-        log.info("serving %s (%s, %s) on %s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses))
+        log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
+                 f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
+
+    def _listeners(self) -> list[socket.socket]:
+        """Sockets inherited from systemd replace the configured ones of the same kind (Unix, TCP)."""
+        cfg = self.config
+        listeners = list(self.inherited)
+        for sock in listeners:
+            log.info("listening socket from systemd: %s", address_of(sock))
+        if cfg.listen.unix and not any(s.family == socket.AF_UNIX for s in self.inherited):
+            prepare_unix_socket(cfg.listen.unix)
+            listeners.append(unix_listener(cfg.listen.unix, cfg.listen.unix_mode, cfg.listen.unix_group))
+            self._own_unix_socket = cfg.listen.unix
+        if cfg.listen.tcp and not any(s.family != socket.AF_UNIX for s in self.inherited):
+            listeners.append(tcp_listener(cfg.listen.tcp))
+        exposed = [s for s in listeners if s.family != socket.AF_UNIX and not ipaddress.ip_address(s.getsockname()[0]).is_loopback]
+        if exposed and cfg.access.tls_cert is None:
+            log.warning("TCP without TLS on %s: whoever reaches the port reads and sends requests in clear text",
+                        address_of(exposed[0]))
+        return listeners
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests (UNAVAILABLE), let running ones go on for up to `grace` seconds, then cancel the rest."""
+        service = self.service
+        if service is None or service.draining:
+            return
+        service.draining = True
+        self._set_serving(False)
+        running = len(service.live)
+        log.info("draining: %d requests running, up to %gs", running, grace)
+        self.notifier.stopping(f"draining: {running} requests running, up to {grace:g}s")
+        try:
+            await asyncio.wait_for(service.all_done.wait(), grace)
+        except TimeoutError:
+            message = f"the server is shutting down: the request did not finish within the drain period ({grace:g}s)"
+            log.info("cancelling %d requests after the drain period", len(service.live))
+            for seq in list(service.live):
+                self.engine.cancel(seq, message)
+            try:  # the engine ends them at its next step
+                await asyncio.wait_for(service.all_done.wait(), 30)
+            except TimeoutError:
+                log.error("%d requests did not end after cancellation", len(service.live))
 
     def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -425,13 +542,24 @@ class Daemon:
             self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:
-        self._set_serving(False)
+        """Drain (up to `grace` seconds), then close the server, the front door and the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain(grace)
         if self.server:
-            await self.server.stop(grace)
+            await self.server.stop(1.0)  # streams already ended send their last messages; idle ones are closed
+        if self.front:
+            await asyncio.get_running_loop().run_in_executor(None, self.front.stop)
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-        if self.config.listen.unix:
-            Path(self.config.listen.unix).unlink(missing_ok=True)
+        if self.metrics_server:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        if self._own_unix_socket:
+            Path(self._own_unix_socket).unlink(missing_ok=True)
+        if self._relay_dir:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
 
 
 def warm_up(backend, slots: int) -> None:
@@ -442,19 +570,49 @@ def warm_up(backend, slots: int) -> None:
 
 
 async def run_daemon(config: Config, bundle: Bundle) -> None:
-    """Load everything, serve until SIGINT/SIGTERM, then stop cleanly."""
-    from daemon.backend_onnx import create_cpu_backend
+    """Load everything, serve until SIGINT/SIGTERM, then drain and stop cleanly.
 
-    tokenizer = Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ())
-    backend = create_cpu_backend(bundle, config.engine.slots, config.engine.threads)
-    warm_up(backend, config.engine.slots)
-    daemon = Daemon(config, bundle, tokenizer, backend)
-    await daemon.start()
-    stop = asyncio.Event()
+    Under systemd: STATUS= lines while loading, READY=1 once the model is loaded and warmed up and the
+    sockets serve, WATCHDOG=1 from the engine loop, STOPPING=1 when draining; SIGHUP reopens log files.
+    """
+    from daemon.backends import create_backend
+
+    notifier = Notifier()
+    inherited = listen_sockets()
+    # Daemon.start reads the certificates and the token again; a bad path fails here, before a long model load.
+    if config.access.token_file:
+        read_token(config.access.token_file)
+    server_tls_context(config.access)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
-    await stop.wait()
-    log.info("stopping")
-    await daemon.stop()
+    loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
+    notifier.status(f"loading {bundle.path}")
+    # Checksums are verified while the model loads and awaited before serving: a changed byte is still refused.
+    verified = verify_in_background(bundle)
+    # The tokenizer loads (in Rust, without the GIL) while ONNX Runtime loads the model.
+    tokenizer_loading = loop.run_in_executor(
+        None, lambda: Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ()))
+    try:
+        backend = create_backend(bundle, config)
+    except Exception:
+        verified.result()  # a changed file explains a failed load best: BundleError names it
+        raise
+    tokenizer = await tokenizer_loading
+    notifier.status("warming up")
+    await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
+    await asyncio.wrap_future(verified)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited)
+    try:
+        await daemon.start()
+        notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "
+                       f"{', '.join(daemon.addresses)}")
+        print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
+        await stop.wait()
+        log.info("stopping")
+        await daemon.drain(config.service.drain_seconds)
+        notifier.status("stopping")
+    finally:
+        await daemon.stop(0)
+        notifier.close()

@@ -3,14 +3,21 @@
 Each concurrency level runs that many streams at once; each stream sends `rounds` requests one after
 another, with a fixed prompt length and a fixed output length (end-of-sequence ignored). Times are
 taken where the client sees tokens arrive.
+
+Decode on a CPU is bound by memory bandwidth: a step reads every weight once (`ModelInfo.weight_bytes_per_token`)
+plus each row's KV cache in use. The bench measures this machine's read bandwidth (numpy streaming over a
+large array, one thread per core) and reports, per level, the bandwidth the daemon achieved and its
+fraction of that roofline. (Run the bench on the daemon's machine for this to mean anything.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import grpc
 import numpy as np
@@ -30,6 +37,40 @@ class LevelResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    achieved_gb_s: float = 0.0  # bytes the decode steps read per second (weights + KV cache in use)
+    roofline_fraction: float = 0.0  # achieved / measured read bandwidth
+
+
+@dataclass
+class BenchReport:
+    levels: list[LevelResult]
+    read_bandwidth_gb_s: float  # this machine's, measured
+    weight_bytes_per_token: int
+    kv_bytes_per_position: int
+    prompt_tokens: int
+    new_tokens: int
+    model: dict = field(default_factory=dict)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 29, threads: int = 0, repeats: int = 3) -> float:
+    """Bytes/s this machine streams from memory: one numpy reduction per core over its part of a large array."""
+    threads = threads or os.cpu_count() or 1
+    data = np.ones(nbytes // 8, np.float64)  # written once: the pages exist before timing
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL in reductions
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best
+
+
+def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: int, rows: int, prompt_tokens: int,
+                          new_tokens: int) -> float:
+    """Mean bytes a decode step of `rows` requests reads: weights once, each row's cache up to its position."""
+    mean_positions = prompt_tokens + new_tokens / 2
+    return weight_bytes + rows * kv_bytes_per_position * mean_positions
 
 
 async def _one_request(stub: pb_grpc.InferenceStub, prompt: list[int], new_tokens: int) -> tuple[float, list[float], int]:
@@ -68,26 +109,81 @@ async def run_level(address: str, concurrency: int, prompt_tokens: int, new_toke
                        pct(ttft, 50), pct(ttft, 99), pct(gaps, 50), pct(gaps, 99))
 
 
-def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int) -> list[LevelResult]:
+def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int) -> BenchReport:
     channel = grpc.insecure_channel(grpc_target(address))
     info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=10)
     channel.close()
     if prompt_tokens + new_tokens > info.context_length:
         raise ValueError(f"prompt {prompt_tokens} + new {new_tokens} tokens exceed the context of {info.context_length}")
+    bandwidth = measure_read_bandwidth()
+    kv_per_position = info.kv_cache_bytes // max(1, info.slots * (info.context_length + 1))
     asyncio.run(run_level(address, 1, min(prompt_tokens, 8), 2, 1, info.vocab_size))  # warm-up
-    return [asyncio.run(run_level(address, c, prompt_tokens, new_tokens, rounds, info.vocab_size)) for c in concurrency]
+    levels = [asyncio.run(run_level(address, c, prompt_tokens, new_tokens, rounds, info.vocab_size)) for c in concurrency]
+    for r in levels:
+        rows = min(r.concurrency, info.slots)
+        step_bytes = decode_bytes_per_step(info.weight_bytes_per_token, kv_per_position, rows, prompt_tokens, new_tokens)
+        r.achieved_gb_s = r.total_tokens_per_s / rows * step_bytes / 1e9
+        r.roofline_fraction = r.achieved_gb_s * 1e9 / bandwidth
+    model = {"architecture": info.hf_architecture, "precision": info.precision, "backend": info.backend,
+             "slots": info.slots, "source": info.source}
+    return BenchReport(levels, bandwidth / 1e9, info.weight_bytes_per_token, kv_per_position, prompt_tokens, new_tokens,
+                       model)
 
 
-def format_results(results: list[LevelResult], as_json: bool) -> str:
+def format_results(report: BenchReport, as_json: bool) -> str:
+    results = report.levels
     if as_json:
-        return json.dumps([asdict(r) for r in results], indent=1)
-    lines = [f"{'streams':>7} {'requests':>8} {'total tok/s':>11} {'per stream':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-             f"{'ITL p50':>8} {'ITL p99':>8}"]
+        return json.dumps({**asdict(report), "levels": [asdict(r) for r in results]}, indent=1)
+    m = report.model
+    lines = [f"{m.get('architecture', '?')} {m.get('precision', '?')} on {m.get('backend', '?')}; prompt "
+             f"{report.prompt_tokens}, {report.new_tokens} new tokens; weights read per step "
+             f"{report.weight_bytes_per_token / 1e6:.0f} MB, KV cache {report.kv_bytes_per_position / 1e3:.1f} kB per "
+             f"position; this machine reads {report.read_bandwidth_gb_s:.1f} GB/s",
+             f"{'streams':>7} {'requests':>8} {'total tok/s':>11} {'per stream':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+             f"{'ITL p50':>8} {'ITL p99':>8} {'GB/s':>6} {'roofline':>8}"]
     for r in results:
+        bw = f"{r.achieved_gb_s:>6.1f} {r.roofline_fraction:>7.0%}" if report.weight_bytes_per_token else f"{'-':>6} {'-':>8}"
         lines.append(f"{r.concurrency:>7} {r.requests:>8} {r.total_tokens_per_s:>11.1f} {r.per_stream_tokens_per_s:>10.1f} "
-                     f"{r.ttft_p50_ms:>7.0f}ms {r.ttft_p99_ms:>7.0f}ms {r.itl_p50_ms:>6.1f}ms {r.itl_p99_ms:>6.1f}ms")
+                     f"{r.ttft_p50_ms:>7.0f}ms {r.ttft_p99_ms:>7.0f}ms {r.itl_p50_ms:>6.1f}ms {r.itl_p99_ms:>6.1f}ms {bw}")
     base = results[0]
     for r in results[1:]:
         lines.append(f"throughput at {r.concurrency} streams: {r.total_tokens_per_s / base.total_tokens_per_s:.2f}x "
                      f"that at {base.concurrency}; ITL p99/p50 {r.itl_p99_ms / max(r.itl_p50_ms, 1e-9):.2f}")
+    if not report.weight_bytes_per_token:
+        lines.append("(the bundle predates weight_bytes_per_token: rebuild it for the bandwidth columns)")
     return "\n".join(lines)
+
+
+def plot_results(report: BenchReport, path: str) -> None:
+    """Throughput and latency against concurrency, as a PNG (needs the `plot` extra: matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'edgellm[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r.concurrency for r in report.levels]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(c, [r.total_tokens_per_s for r in report.levels], "o-", label="total")
+    ax1.plot(c, [r.per_stream_tokens_per_s for r in report.levels], "s--", label="per stream")
+    if report.weight_bytes_per_token:
+        roof = [report.read_bandwidth_gb_s * 1e9 / decode_bytes_per_step(
+            report.weight_bytes_per_token, report.kv_bytes_per_position, r.concurrency, report.prompt_tokens,
+            report.new_tokens) * r.concurrency for r in report.levels]
+        ax1.plot(c, roof, ":", color="gray", label=f"bandwidth roofline ({report.read_bandwidth_gb_s:.1f} GB/s)")
+    ax1.set(xlabel="concurrent streams", ylabel="decode tokens/s", xscale="log", xticks=c, xticklabels=c,
+            title="Throughput")
+    ax1.legend()
+    for attr, style, label in (("itl_p50_ms", "o-", "ITL p50"), ("itl_p99_ms", "o--", "ITL p99"),
+                               ("ttft_p50_ms", "s-", "TTFT p50")):
+        ax2.plot(c, [getattr(r, attr) for r in report.levels], style, label=label)
+    ax2.set(xlabel="concurrent streams", ylabel="ms", xscale="log", yscale="log", xticks=c, xticklabels=c,
+            title="Latency")
+    ax2.legend()
+    m = report.model
+    fig.suptitle(f"edgellm bench: {m.get('architecture', '')} {m.get('precision', '')}, prompt {report.prompt_tokens}, "
+                 f"{report.new_tokens} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

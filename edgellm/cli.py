@@ -28,15 +28,74 @@ def cmd_build(args: argparse.Namespace) -> int:
     from build_engine.build import build_bundle
 
     try:
+        calib = Path(args.calib).read_text(encoding="utf-8") if args.calib else None
         path = build_bundle(Path(args.model), Path(args.output), target=args.target, precision=args.precision,
-                            context_length=args.context_length, force=args.force)
+                            context_length=args.context_length, force=args.force, calibration_text=calib)
     except (ValueError, OSError) as e:  # BuildError, UnsupportedModelError, checkpoint and file errors
         return fail("build", str(e))
     except Exception as e:  # noqa: BLE001 — a build must end with a message, never a traceback
         logging.getLogger("edgellm.build").debug("build failed", exc_info=True)
         return fail("build", f"{type(e).__name__}: {e}")
     print(f"built {path}")
+    if args.target == "tensorrt":
+        return _tensorrt_second_stage(path)
     return 0
+
+
+def _tensorrt_second_stage(path: Path) -> int:
+    """After a TensorRT build: print the accuracy, then compile here if TensorRT and a GPU are, else say how."""
+    import yaml
+
+    from build_engine.trt_compiler import tensorrt_available
+
+    accuracy = yaml.safe_load((path / "manifest.yaml").read_text()).get("accuracy", {})
+    if accuracy.get("measured"):
+        print(f"accuracy vs fp32 on held-out text: perplexity ratio {accuracy['perplexity_ratio']:.4f} "
+              f"(limit {accuracy['max_perplexity_ratio']}), top-1 agreement {accuracy['top1_agreement']:.1%} "
+              f"(limit {accuracy['min_top1_agreement']:.0%})")
+    else:
+        print(f"accuracy not measured: {accuracy.get('reason', '?')}")
+    missing = tensorrt_available()
+    if missing:
+        print(f"not compiled: {missing}.\nCompile the engine on the target device: edgellm compile {path}",
+              file=sys.stderr)
+        return 0
+    return cmd_compile(argparse.Namespace(bundle=str(path), slots=8, max_prefill_tokens=None, timing_cache=None,
+                                          optimization_level=3, force=False))
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from build_engine.trt_compiler import compile_bundle, tensorrt_available
+
+    missing = tensorrt_available()
+    if missing:
+        return fail("compile", f"{missing}; compile on the target device, which needs TensorRT and its NVIDIA GPU")
+    try:
+        engine = compile_bundle(Path(args.bundle), slots=args.slots, max_prefill_tokens=args.max_prefill_tokens,
+                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                                optimization_level=args.optimization_level, force=args.force)
+    except Exception as e:  # noqa: BLE001 — CompileError, BundleError, PrecisionUnsupported, TensorRT's own errors
+        logging.getLogger("edgellm.compile").debug("compile failed", exc_info=True)
+        return fail("compile", f"{type(e).__name__}: {e}")
+    print(f"compiled {engine}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from build_engine.trt_compiler import tensorrt_available
+
+    missing = tensorrt_available()
+    if missing:
+        return fail("validate", f"{missing}; validate runs on the target device, which needs TensorRT and its NVIDIA GPU")
+    from edgellm.validate import validate_bundle
+
+    try:
+        report = validate_bundle(Path(args.bundle), slots=args.slots, new_tokens=args.new_tokens)
+    except Exception as e:  # noqa: BLE001 — a check must end with a message, never a traceback
+        logging.getLogger("edgellm.validate").debug("validate failed", exc_info=True)
+        return fail("validate", f"{type(e).__name__}: {e}")
+    print(report.text())
+    return 0 if report.ok else EXIT_FAILED
 
 
 def demo_bundle() -> Path:
@@ -58,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from daemon.bundle import BundleError, load_bundle
     from daemon.config import ConfigError, load_config
+    from daemon.request_log import configure_logging
     from daemon.server import run_daemon
 
     try:
@@ -70,21 +130,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.listen.tcp = args.tcp or None
     if args.slots is not None:
         config.engine.slots = args.slots
-    logging.basicConfig(level=(args.log_level or config.logging.level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(config.logging, args.log_level)
+    except OSError as e:
+        return fail("serve", f"cannot open the log file: {e}", EXIT_USAGE)
     bundle_path = args.bundle or config.bundle
     try:
-        bundle = load_bundle(Path(bundle_path) if bundle_path else demo_bundle())
+        # Checksums: verified by run_daemon while the model loads, before it serves (fast start).
+        bundle = load_bundle(Path(bundle_path) if bundle_path else demo_bundle(), verify=False)
     except BundleError as e:
         return fail("serve", f"refusing to start: {e}")
     except (ValueError, OSError, RuntimeError) as e:  # building the demo bundle: BuildError, DemoModelError, ...
         return fail("serve", str(e))
     try:
         asyncio.run(run_daemon(config, bundle))
+    except BundleError as e:
+        return fail("serve", f"refusing to start: {e}")
     except OSError as e:
         return fail("serve", str(e))
     except RuntimeError as e:  # grpc reports a port it cannot bind as RuntimeError
         return fail("serve", str(e))
+    except ValueError as e:  # access settings (certificates, token, group), listen addresses, LISTEN_FDS
+        return fail("serve", str(e), EXIT_USAGE)
     return 0
 
 
@@ -169,7 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import grpc
 
     from daemon.config import default_unix_socket
-    from edgellm.bench import format_results, run_bench
+    from edgellm.bench import format_results, plot_results, run_bench
 
     address = args.address or default_unix_socket()
     try:
@@ -185,6 +252,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         return fail("bench", f"{address}: {e.code().name}: {e.details()}")
     print(format_results(results, args.json))
+    if args.plot:
+        try:
+            plot_results(results, args.plot)
+        except (ValueError, OSError) as e:
+            return fail("bench", f"--plot: {e}", EXIT_USAGE)
     return 0
 
 
@@ -202,7 +274,23 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", help="weights and activations (default: fp32)")
     b.add_argument("--context-length", type=int, default=2048, help="tokens per request, prompt included (default: 2048)")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
+    b.add_argument("--calib", help="text file for INT8/FP8 calibration (default: the project's calibration text)")
     b.set_defaults(func=cmd_build)
+
+    k = sub.add_parser("compile", help="compile a TensorRT bundle's engine (on the target device)")
+    k.add_argument("bundle")
+    k.add_argument("--slots", type=int, default=8, help="most engine.slots the daemon will use (default: 8)")
+    k.add_argument("--max-prefill-tokens", type=int, help="longest prefill per engine call (default: min(context, 1024))")
+    k.add_argument("--timing-cache", help="TensorRT timing cache file (default: beside the bundle)")
+    k.add_argument("--optimization-level", type=int, default=3, choices=range(6), help="TensorRT builder level")
+    k.add_argument("--force", action="store_true", help="replace an existing engine")
+    k.set_defaults(func=cmd_compile)
+
+    v = sub.add_parser("validate", help="check a TensorRT bundle on its GPU against ONNX Runtime on the CPU")
+    v.add_argument("bundle")
+    v.add_argument("--slots", type=int, default=4)
+    v.add_argument("--new-tokens", type=int, default=16)
+    v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("serve", help="run the daemon (the demo model when no bundle is given)")
     s.add_argument("--bundle", help="engine bundle folder (default: the config's, else the demo model)")
@@ -232,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--new-tokens", type=int, default=128)
     n.add_argument("--rounds", type=int, default=2, help="requests per stream at each level (default: 2)")
     n.add_argument("--json", action="store_true", help="machine-readable output")
+    n.add_argument("--plot", metavar="FILE.png", help="also draw throughput and latency to a PNG (needs matplotlib)")
     n.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe a bundle folder, or the model a daemon serves")

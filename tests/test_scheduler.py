@@ -130,7 +130,7 @@ def test_interleaved_arrivals_match_running_alone():
     expected = [alone(p, 12) for p in prompts]
     eng, clock = make_engine(slots=2, chunk=3)
     recs = []
-    for i, p in enumerate(prompts):  # arrivals spread over the first steps
+    for p in prompts:  # arrivals spread over the first steps
         s, rec = seq(p, 12, clock)
         eng.submit(s)
         recs.append(rec)
@@ -209,7 +209,7 @@ def test_interactive_preempts_background_which_resumes_intact():
     run(eng, lambda: ru.finished)
     assert not any(r.finished for _, r in bg)  # the interactive request finished first
     run(eng, lambda: all(r.finished for _, r in bg))
-    for (s, r), first in zip(bg, (1, 10)):
+    for (_, r), first in zip(bg, (1, 10)):
         assert r.tokens == alone([first, first + 1, first + 2], 20)  # resumed by re-prefill, nothing lost
         assert r.finished.reason == FinishReason.LENGTH
     assert bg[1][1].finished.preemptions == 1

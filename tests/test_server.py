@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 
 import grpc
 import pytest
@@ -166,9 +165,9 @@ def test_session_bad_inputs_end_only_that_request(daemon):
     stub = daemon.stub()
     s = SessionClient(stub)
     s.start("long", text="keep going", max_new_tokens=40, ignore_eos=True)
+    s.start("long", text="a duplicate id", max_new_tokens=4)  # while the first "long" still runs
     for i, fields in enumerate(BAD_REQUESTS.values()):
         s.start(f"bad{i}", **fields)
-    s.start("long", text="a duplicate id", max_new_tokens=4)
     s.cancel("nobody")
     errors, finished = {}, {}
     while "long" not in finished or "nobody" not in errors:
@@ -296,7 +295,7 @@ def test_interactive_request_overtakes_background_work(daemon):
     stub = daemon.stub()
     s = SessionClient(stub)
     for i in range(4):  # every slot busy with long background requests
-        s.start(f"bg{i}", text="background job", max_new_tokens=TINY_CONTEXT // 2, ignore_eos=True,
+        s.start(f"bg{i}", text="background job", max_new_tokens=TINY_CONTEXT - 16, ignore_eos=True,
                 priority=pb.PRIORITY_BACKGROUND)
     started = set()
     while len(started) < 4:

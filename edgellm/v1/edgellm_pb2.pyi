@@ -249,7 +249,7 @@ class RequestError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "hf_architecture", "source", "precision", "backend", "context_length", "slots", "bundle_id", "vocab_size", "num_layers", "kv_cache_bytes", "edgellm_version")
+    __slots__ = ("architecture", "hf_architecture", "source", "precision", "backend", "context_length", "slots", "bundle_id", "vocab_size", "num_layers", "kv_cache_bytes", "edgellm_version", "cuda_graphs", "weight_bytes_per_token")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HF_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,8 @@ class ModelInfo(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EDGELLM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     hf_architecture: str
     source: str
@@ -274,4 +276,6 @@ class ModelInfo(_message.Message):
     num_layers: int
     kv_cache_bytes: int
     edgellm_version: str
-    def __init__(self, architecture: _Optional[str] = ..., hf_architecture: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., context_length: _Optional[int] = ..., slots: _Optional[int] = ..., bundle_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., edgellm_version: _Optional[str] = ...) -> None: ...
+    cuda_graphs: str
+    weight_bytes_per_token: int
+    def __init__(self, architecture: _Optional[str] = ..., hf_architecture: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., context_length: _Optional[int] = ..., slots: _Optional[int] = ..., bundle_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., edgellm_version: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., weight_bytes_per_token: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,150 @@
+"""The second stage of a TensorRT build, run on the target device: the bundle's graph -> a serialized engine.
+
+TensorRT's ONNX parser reads model.onnx (its Attention, TensorScatter and RotaryEmbedding nodes map to
+TensorRT's attention, KV-cache update and rotary layers from 10.15 on) into a strongly typed network:
+the graph's float type and its Q/DQ nodes decide every layer's precision (TensorRT 11 has no precision
+flags; on 10.x the STRONGLY_TYPED flag asks for the same). Optimization profiles (daemon/trt_plan.py):
+prefill (one row, 1..max_prefill_tokens tokens) and one static decode profile per decode batch size
+(one token per row); the KV-cache dims are static but for the batch. A timing cache kept beside the bundle (or where
+--timing-cache says) makes rebuilds fast. The engine and its record (TensorRT version, GPU name and
+compute capability, profiles, slots) go into the bundle; engines are not portable across either.
+
+Written against the TensorRT >= 10.15 / 11.x Python API; not run on this project's build machines
+(no TensorRT, no GPU): tests/gpu/test_tensorrt.py exercises it where both exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.bundle import Bundle, load_bundle
+from daemon.trt_plan import (ENGINE_FILE, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens,
+                             format_cc, optimization_profiles, profiles_to_manifest)
+
+log = logging.getLogger("edgellm.compile")
+
+MIN_TENSORRT = (10, 15)
+
+
+class CompileError(Exception):
+    """The engine cannot be compiled here; the message says why."""
+
+
+def tensorrt_available() -> str | None:
+    """None when TensorRT and a CUDA GPU can be used here, else why not (for the operator)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return ("TensorRT is not installed (pip install 'edgellm[tensorrt]' on the target device, which needs an "
+                "NVIDIA GPU and driver)")
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        if cuda.Device.count() == 0:
+            return "no CUDA GPU found"
+    except Exception as e:  # noqa: BLE001 — ImportError, or the driver's own error without a GPU
+        return f"CUDA is not usable here: {e}"
+    return None
+
+
+def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int], int]:
+    """(name, compute capability, free bytes) of a GPU, through pycuda."""
+    import pycuda.driver as cuda
+
+    cuda.init()
+    dev = cuda.Device(device)
+    ctx = dev.retain_primary_context()
+    ctx.push()
+    try:
+        free, _total = cuda.mem_get_info()
+    finally:
+        ctx.pop()
+    return dev.name(), tuple(dev.compute_capability()), free
+
+
+def default_timing_cache(bundle: Path, tensorrt_version: str, gpu_name: str) -> Path:
+    """Beside the bundle, one per TensorRT version and GPU model (timings are valid for those only)."""
+    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name).strip("-")
+    return Path(bundle).resolve().parent / f".edgellm-timing-trt{tensorrt_version}-{gpu}.cache"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+def compile_bundle(path: Path, *, slots: int = 8, max_prefill_tokens: int | None = None,
+                   timing_cache: Path | None = None, optimization_level: int = 3, force: bool = False) -> Path:
+    """Compile the bundle's graph into model.engine for this GPU and record it in the manifest; returns its path."""
+    import tensorrt as trt
+
+    from build_engine.bundle_writer import update_bundle
+
+    bundle = load_bundle(path)
+    if bundle.manifest.get("target") != "tensorrt":
+        raise CompileError(f"{path} was built for target {bundle.manifest.get('target')!r}; rebuild it with --target tensorrt")
+    if bundle.manifest.get("engine") and not force:
+        raise CompileError(f"{path} already holds an engine (use --force to compile again)")
+    if _version_tuple(trt.__version__) < MIN_TENSORRT:
+        raise CompileError(f"TensorRT {trt.__version__} lacks the attention, KV-cache update and rotary layers the graph "
+                           f"needs; install TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (JetPack 6's 10.3 is too old)")
+    gpu_name, cc, _free = gpu_identity()
+    check_precision_supported(bundle.manifest["precision"], cc, gpu_name)
+    layout = bundle.kv_cache
+    max_prefill = max_prefill_tokens or default_max_prefill_tokens(bundle.context_length)
+    profiles = optimization_profiles(layout, slots, max_prefill)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # Deprecated and ignored in TensorRT 11 (always strongly typed); required on 10.x to get the same.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(bundle.graph_path)):  # reads model.onnx.data beside it
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CompileError(f"TensorRT's ONNX parser refused {bundle.graph_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = optimization_level
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(path, trt.__version__, gpu_name)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    if not config.set_timing_cache(cache, False):  # False: refuse a cache from another GPU or TensorRT
+        log.warning("timing cache %s does not match this GPU or TensorRT; starting a new one", cache_path)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+    t0 = time.monotonic()
+    log.info("compiling %s for %s (compute capability %s) with TensorRT %s ...", path, gpu_name, format_cc(cc),
+             trt.__version__)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CompileError("TensorRT could not build the engine (see its messages above)")
+    seconds = time.monotonic() - t0
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    engine_bytes = bytes(memoryview(serialized))
+
+    record: dict[str, Any] = {
+        "file": ENGINE_FILE,
+        "tensorrt_version": trt.__version__,
+        "gpu": {"name": gpu_name, "compute_capability": format_cc(cc)},
+        "slots": slots,
+        "max_prefill_tokens": max_prefill,
+        "decode_batch_sizes": decode_batch_sizes(slots),
+        "profiles": profiles_to_manifest(profiles),
+        "optimization_level": optimization_level,
+        "build_seconds": round(seconds, 1),
+    }
+    update_bundle(path, {ENGINE_FILE: engine_bytes}, {"engine": record})
+    log.info("wrote %s (%.0f MiB) in %.0f s", ENGINE_FILE, len(engine_bytes) / (1 << 20), seconds)
+    return Path(path) / ENGINE_FILE
+
+
+def engine_record(bundle: Bundle) -> dict[str, Any] | None:
+    return bundle.manifest.get("engine")

@@ -1,0 +1,142 @@
+"""Weight-only quantization of the linear layers for the CPU target: MatMul -> MatMulNBits (int8 or int4).
+
+ONNX Runtime's `MatMulNBits` (com.microsoft domain, CPU target only: the TensorRT target keeps standard
+ops) stores each weight matrix in blocks of `BLOCK_SIZE` input rows with one fp32 scale per block
+(symmetric, no zero point: the layout of llama.cpp's Q8_0/Q4_0, so the comparison is at the same bit
+width). Activations stay fp32 at the graph's edges; inside the kernel, accuracy level 4 quantizes each
+activation row to int8 on the fly so that the dot products run as int8 (the same trade llama.cpp makes),
+which on a bandwidth-bound CPU is what makes the smaller weights pay.
+
+The quantizing itself is onnxruntime's `MatMulNBitsQuantizer` (round to nearest). The vocabulary
+projection is a Gemm against the tied [vocab, hidden] embedding; it is the largest single matrix of a
+small model, so it gets its own transposed [hidden, vocab] copy as a MatMul and is quantized too (to 8 bits
+at least), while the embedding lookup (a Gather, reading only the rows of the input tokens) keeps the fp32 table.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from build_engine.model_spec import ModelSpec
+
+log = logging.getLogger("edgellm.build")
+
+BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZE = 32  # rows of the input dimension per scale: llama.cpp's Q8_0/Q4_0 block
+# The vocabulary projection stays at 8 bits at least: at 4 bits it alone costs the demo model most of its
+# int4 loss (perplexity ratio 1.30 -> 1.21 with it at 8 bits); llama.cpp's Q4_0 likewise keeps it at Q6_K.
+LM_HEAD_BITS = 8
+LM_HEAD_NODE = "logits.gemm"
+# int8 activations inside the kernel. Level 1 (fp32 compute) ran the int8 demo model at 0.9 tokens/s against
+# 21 here: ONNX Runtime 1.32 has no fast fp32 path for 8-bit weights on AVX2.
+ACCURACY_LEVEL = 4
+
+
+def _untie_lm_head(model: onnx.ModelProto) -> None:
+    """Replace the Gemm(x, W, transB=1) vocabulary projection by MatMul(x, W.T) with its own initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        name = node.input[1] + ".T"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        model.graph.node[i].CopyFrom(onnx.helper.make_node("MatMul", [node.input[0], name], list(node.output),
+                                                           name=node.name))
+
+
+def _fuse_sibling_matmuls(model: onnx.ModelProto) -> None:
+    """MatMuls of one input against weight initializers (q/k/v, gate/up) -> one MatMul on the concatenated
+    columns, then a Split: one kernel call reads the same bytes. Quantization blocks run along the input
+    dimension, so each column's blocks are what they were: the result is unchanged."""
+    inits = {t.name: t for t in model.graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    for x, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        ws = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        name = "+".join(n.name for n in nodes)
+        model.graph.initializer.append(numpy_helper.from_array(np.concatenate(ws, axis=1), name + ".weight"))
+        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), name + ".sizes")
+        model.graph.initializer.append(sizes)
+        first = list(model.graph.node).index(nodes[0])
+        fused = [onnx.helper.make_node("MatMul", [x, name + ".weight"], [name], name=name),
+                 onnx.helper.make_node("Split", [name, sizes.name], [n.output[0] for n in nodes], name=name + ".split",
+                                       axis=-1)]
+        for n in nodes:
+            model.graph.node.remove(n)
+        for i, n in enumerate(fused):
+            model.graph.node.insert(first + i, n)
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
+
+
+def _quantize(model: onnx.ModelProto, bits: int, **select) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                          bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, **select)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_weights(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The graph with every weight MatMul (lm_head included) as MatMulNBits; `model` must hold its weights."""
+    if precision not in BITS:
+        raise ValueError(f"weight-only quantization is {', '.join(BITS)}, not {precision!r}")
+    _untie_lm_head(model)
+    _fuse_sibling_matmuls(model)
+    bits = BITS[precision]
+    head_bits = max(bits, LM_HEAD_BITS)
+    model = _quantize(model, bits, nodes_to_exclude=[LM_HEAD_NODE] if head_bits != bits else None)
+    if head_bits != bits:
+        model = _quantize(model, head_bits, nodes_to_include=[LM_HEAD_NODE])
+    count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    log.info("quantized %d linear layers to %s (blocks of %d; vocabulary projection %d-bit)", count, precision,
+             BLOCK_SIZE, head_bits)
+    return model
+
+
+def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json: str, precision: str,
+                      max_seq: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The CPU graph for int8/int4 (weight-only MatMulNBits) and its manifest entries, accuracy included.
+
+    Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows against fp32."""
+    from build_engine.accuracy import THRESHOLDS, check_accuracy, default_text, measure_accuracy
+    from build_engine.onnx_graph import build_graph, save_graph
+    from build_engine.trt_build import token_ids
+
+    heldout = token_ids(tok_json, default_text("heldout"))[:max_seq - 1]
+    with tempfile.TemporaryDirectory(prefix="edgellm-acc-") as tmp:
+        ref, cand = Path(tmp) / "reference.onnx", Path(tmp) / "candidate.onnx"
+        save_graph(build_graph(spec, weights, max_seq=max_seq), ref)
+        graph = quantize_weights(build_graph(spec, weights, max_seq=max_seq), precision)
+        save_graph(graph, cand)
+        report = measure_accuracy(ref, cand, heldout)
+    log.info("%s accuracy on held-out text: %s", precision, report.summary())
+    max_ratio, min_agreement = THRESHOLDS[precision]
+    manifest = {
+        "quantization": {"method": f"weight-only {precision} (ONNX Runtime MatMulNBits, symmetric round-to-nearest, "
+                                   f"blocks of {BLOCK_SIZE} input rows, accuracy level {ACCURACY_LEVEL})",
+                         "quantized": f"every linear layer; the vocabulary projection at {max(BITS[precision], LM_HEAD_BITS)} bits",
+                         "not_quantized": "embedding lookup, norms, attention, KV cache (fp32)"},
+        "accuracy": {"measured": True, **report.to_dict(), "max_perplexity_ratio": max_ratio,
+                     "min_top1_agreement": min_agreement},
+    }
+    check_accuracy(report, precision)
+    return graph, manifest

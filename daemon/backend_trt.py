@@ -1,0 +1,254 @@
+"""TensorRT backend: the bundle's compiled engine on an NVIDIA GPU, each decode step a CUDA-graph replay.
+
+At start: the engine's record in the manifest is checked against the running TensorRT and GPU
+(engines are not portable), the memory budget against the GPU's free memory; then every device buffer
+is allocated once (pycuda): per layer one K and one V cache [slots, kv_heads, max_seq, head_dim], one
+activation scratch shared by all execution contexts (they run one after another on one stream), and
+per step shape a packed int64 input buffer and a logits buffer, each with a pinned host twin.
+Each present_* output is bound to its past_* input's address (TensorRT's KV-cache update layer aliases
+them), so the cache is updated in place; a row range of the cache is a pointer offset.
+
+Prefill runs without a graph (its shape changes with every prompt) in its own context (profile 0).
+Each decode batch size gets its own context and static profile with fixed shapes and addresses: one warm-up
+execute_async_v3, then the same call captured into a CUDA graph (daemon/cuda_graph.py). A step then
+copies the packed token ids/positions in, launches the graph and copies the logits back: one copy, one
+launch, one copy. If a capture fails, that batch size falls back to plain execute_async_v3, logged and
+reported by GetModel (ModelInfo.cuda_graphs).
+
+Written against the TensorRT >= 10.15 / 11.x and pycuda APIs; not run on this project's build machines
+(no TensorRT, no GPU): tests/gpu/test_tensorrt.py and `edgellm validate` exercise it on hardware.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from daemon.bundle import Bundle, BundleError
+from daemon.cuda_graph import CudaGraph, CudaGraphError
+from daemon.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_batch_sizes, decode_profile,
+                             memory_budget, packed_input_elements, packed_inputs)
+
+log = logging.getLogger("edgellm.backend")
+
+
+@dataclass
+class _Step:
+    """One step shape's execution context and fixed buffers (host views are numpy arrays on pinned memory)."""
+
+    context: Any
+    rows: int
+    host_in: np.ndarray  # packed int64 inputs, pinned
+    device_in: Any
+    host_logits: np.ndarray  # [rows, 1, vocab] float32, pinned
+    device_logits: Any
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    write_indices: np.ndarray
+    logits_indices: np.ndarray
+    graph: CudaGraph | None = None
+
+
+class TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, slots: int, cuda_graphs: bool = True, device: int = 0):
+        import pycuda.driver as cuda
+        import tensorrt as trt
+
+        self._cuda, self._trt = cuda, trt
+        record = bundle.manifest.get("engine")
+        if not record:
+            raise BundleError(f"{bundle.path} holds no TensorRT engine yet: compile it on this device first "
+                              f"(edgellm compile {bundle.path})")
+        cuda.init()
+        dev = cuda.Device(device)
+        check_engine_compatible(record, trt.__version__, dev.name(), tuple(dev.compute_capability()), slots)
+        self._ctx = dev.retain_primary_context()  # the context TensorRT's CUDA runtime uses too
+        self._ctx.push()
+        self._ctx_threads = {threading.get_ident()}
+
+        self.layout = layout = bundle.kv_cache
+        self.slots = slots
+        self.vocab_size = vocab = int(bundle.model["vocab_size"])
+        self.max_prefill_tokens = int(record["max_prefill_tokens"])
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine_bytes = (bundle.path / record["file"]).read_bytes()
+        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not load {record['file']} (see its messages above); compile again here")
+        scratch = max(self.engine.get_device_memory_size_for_profile_v2(p)
+                      for p in range(self.engine.num_optimization_profiles))
+        budget = memory_budget(layout, slots, vocab, self.max_prefill_tokens, len(engine_bytes), scratch)
+        free, _total = cuda.mem_get_info()
+        check_memory(budget, free + len(engine_bytes))  # the engine's weights are already resident
+        log.info("TensorRT %s on %s: device memory %s", trt.__version__, dev.name(), budget.summary())
+
+        self.stream = cuda.Stream()
+        self._scratch = cuda.mem_alloc(max(scratch, 1))
+        self._scratch_bytes = scratch
+        self._row_bytes = layout.bytes_per_row() // (2 * layout.num_layers)  # one layer's K (or V) of one row
+        self._cache = {}
+        for i in range(layout.num_layers):
+            for kind in ("key", "value"):
+                buf = cuda.mem_alloc(self._row_bytes * slots)
+                cuda.memset_d8(buf, 0, self._row_bytes * slots)
+                self._cache[i, kind] = buf
+        self._aliases = self._kv_aliases()
+        self._prefill = self._make_step(PREFILL, rows=1, tokens=self.max_prefill_tokens)
+        self._decode: dict[int, _Step] = {}
+        self.graph_status: dict[int, str] = {}
+        for rows in decode_batch_sizes(slots):
+            step = self._make_step(decode_profile(rows, int(record["slots"])), rows=rows, tokens=1)
+            self._bind(step, first_row=0, rows=rows, tokens=1)
+            step.logits_indices.fill(0)
+            self._warm_up(step)
+            if cuda_graphs:
+                self._capture(step)
+            else:
+                self.graph_status[rows] = "disabled"
+            self._decode[rows] = step
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def _kv_aliases(self) -> dict[str, str]:
+        """present_* output -> the past_* input TensorRT aliases it to (checked, so a wrong graph fails loudly)."""
+        out = {}
+        for i in range(self.layout.num_layers):
+            for kind in ("key", "value"):
+                present, past = f"present_{kind}.{i}", f"past_{kind}.{i}"
+                aliased = self.engine.get_aliased_input_tensor(present)
+                if aliased not in (None, "", past):
+                    raise BundleError(f"the engine aliases {present} to {aliased}, expected {past}")
+                out[present] = past
+        return out
+
+    def _make_step(self, profile: int, rows: int, tokens: int) -> _Step:
+        cuda, trt = self._cuda, self._trt
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(int(self._scratch), self._scratch_bytes)
+        context.set_optimization_profile_async(profile, self.stream.handle)
+        n = packed_input_elements(rows, tokens)
+        host_in = cuda.pagelocked_zeros(n, np.int64)
+        host_logits = cuda.pagelocked_zeros((rows, 1, self.vocab_size), np.float32)
+        views = {name: host_in[off:off + int(np.prod(shape))].reshape(shape)
+                 for name, (off, shape) in packed_inputs(rows, tokens).items()}
+        return _Step(context, rows, host_in, cuda.mem_alloc(host_in.nbytes), host_logits,
+                     cuda.mem_alloc(host_logits.nbytes), **views)
+
+    def _bind(self, step: _Step, first_row: int, rows: int, tokens: int) -> None:
+        """Shapes and addresses of one step; inputs packed in device_in, KV cache rows [first_row, first_row+rows)."""
+        ctx = step.context
+        base = int(step.device_in)
+        for name, (offset, shape) in packed_inputs(rows, tokens).items():
+            ctx.set_input_shape(name, shape)
+            ctx.set_tensor_address(name, base + 8 * offset)
+        cache_shape = (rows, self.layout.num_kv_heads, self.layout.max_seq, self.layout.head_dim)
+        for (i, kind), buf in self._cache.items():
+            ptr = int(buf) + first_row * self._row_bytes
+            ctx.set_input_shape(f"past_{kind}.{i}", cache_shape)
+            ctx.set_tensor_address(f"past_{kind}.{i}", ptr)
+            ctx.set_tensor_address(f"present_{kind}.{i}", ptr)  # aliased: updated in place
+        ctx.set_tensor_address("logits", int(step.device_logits))
+
+    def _warm_up(self, step: _Step) -> None:
+        # Idle-row inputs: token 0 at position 0 written to the scratch slot, which no query ever reads.
+        step.input_ids.fill(0)
+        step.position_ids.fill(0)
+        step.write_indices.fill(self.layout.max_seq - 1)
+        self._run(step, graph=False)
+
+    def _capture(self, step: _Step) -> None:
+        try:
+            step.graph = CudaGraph.capture(self.stream.handle, lambda: bool(step.context.execute_async_v3(self.stream.handle)))
+            self._run(step)  # replay once: a graph that cannot launch is found now, not on the first request
+            self.graph_status[step.rows] = "captured"
+        except CudaGraphError as e:
+            if step.graph is not None:
+                step.graph.close()
+                step.graph = None
+            self.stream.synchronize()
+            self.graph_status[step.rows] = f"plain enqueue ({e})"
+            log.warning("decode batch %d: CUDA graph capture failed, using plain enqueue: %s", step.rows, e)
+
+    @property
+    def cuda_graphs(self) -> str:
+        """One line for GetModel: which decode batch sizes replay a CUDA graph."""
+        captured = [r for r, s in self.graph_status.items() if s == "captured"]
+        if len(captured) == len(self.graph_status):
+            return f"captured for decode batch sizes {', '.join(map(str, captured))}"
+        fallback = {r: s for r, s in self.graph_status.items() if s != "captured"}
+        return "; ".join(f"batch {r}: {s}" for r, s in fallback.items()) + (
+            f"; captured for {', '.join(map(str, captured))}" if captured else "")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.layout.bytes_per_row() * self.slots
+
+    # ---- steps ----------------------------------------------------------------------------------------
+    def _ensure_context(self) -> None:
+        # The engine thread is not the thread that loaded the backend: make the CUDA context current once.
+        tid = threading.get_ident()
+        if tid not in self._ctx_threads:
+            self._ctx.push()
+            self._ctx_threads.add(tid)
+
+    def _run(self, step: _Step, graph: bool = True) -> np.ndarray:
+        cuda, stream = self._cuda, self.stream
+        cuda.memcpy_htod_async(step.device_in, step.host_in, stream)
+        if graph and step.graph is not None:
+            step.graph.launch(stream.handle)
+        elif not step.context.execute_async_v3(stream.handle):
+            raise RuntimeError("TensorRT could not enqueue the step (see its messages in the log)")
+        cuda.memcpy_dtoh_async(step.host_logits, step.device_logits, stream)
+        stream.synchronize()
+        return step.host_logits
+
+    def prefill(self, row: int, token_ids: np.ndarray | list[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one row; returns the last token's logits [vocab] (a view).
+
+        Prompts longer than the engine's prefill profile run as consecutive chunks."""
+        self._ensure_context()
+        ids = np.asarray(token_ids, np.int64)
+        step = self._prefill
+        for begin in range(0, len(ids), self.max_prefill_tokens):
+            chunk = ids[begin:begin + self.max_prefill_tokens]
+            n = len(chunk)
+            self._bind(step, first_row=row, rows=1, tokens=n)
+            layout = packed_inputs(1, n)
+            views = {name: step.host_in[off:off + int(np.prod(shape))].reshape(shape) for name, (off, shape) in layout.items()}
+            pos = start + begin
+            views["input_ids"][0] = chunk
+            views["position_ids"][0] = np.arange(pos, pos + n)
+            views["write_indices"][0] = pos
+            views["logits_indices"][0, 0] = n - 1
+            self._run(step, graph=False)
+        return step.host_logits[0, 0]
+
+    def decode_binding(self, rows: int) -> _Step:
+        """The fixed (pinned) buffers of a decode step over rows [0, rows): fill them, then call decode()."""
+        return self._decode[rows]
+
+    def decode(self, step: _Step) -> np.ndarray:
+        """One token per row; returns logits [rows, vocab] (a view of the pinned buffer)."""
+        self._ensure_context()
+        return self._run(step)[:, 0]
+
+    def decode_plain(self, step: _Step) -> np.ndarray:
+        """decode() without the CUDA graph (for validation and timing)."""
+        self._ensure_context()
+        return self._run(step, graph=False)[:, 0]
+
+    def close(self) -> None:
+        for step in self._decode.values():
+            if step.graph is not None:
+                step.graph.close()
+                step.graph = None
+
+
+def create_trt_backend(bundle: Bundle, slots: int, cuda_graphs: bool = True) -> TrtBackend:
+    return TrtBackend(bundle, slots, cuda_graphs=cuda_graphs)

@@ -1,0 +1,35 @@
+"""The backend a bundle needs, chosen by its target: ONNX Runtime on the CPU, or TensorRT on an NVIDIA GPU."""
+
+from __future__ import annotations
+
+from daemon.bundle import Bundle, BundleError
+from daemon.config import Config
+
+
+class BackendError(RuntimeError):
+    """The bundle's backend cannot start here; the message says why and what to do."""
+
+
+def create_backend(bundle: Bundle, config: Config):
+    """A loaded backend for the bundle's target, with its KV cache allocated for config.engine.slots."""
+    target = bundle.manifest.get("target", "cpu")
+    slots = config.engine.slots
+    if target == "cpu":
+        from daemon.backend_onnx import create_cpu_backend
+
+        return create_cpu_backend(bundle, slots, config.engine.threads)
+    if target == "tensorrt":
+        try:
+            import pycuda.driver  # noqa: F401
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise BackendError(f"{bundle.path} is a TensorRT bundle, and {e.name} is not installed here: run it on an "
+                               f"NVIDIA GPU with pip install 'edgellm[tensorrt]'") from None
+        from daemon.backend_trt import create_trt_backend
+        from daemon.trt_plan import EngineMismatch, PrecisionUnsupported
+
+        try:
+            return create_trt_backend(bundle, slots)
+        except (BundleError, EngineMismatch, PrecisionUnsupported, MemoryError) as e:
+            raise BackendError(str(e)) from None
+    raise BackendError(f"{bundle.path}: unknown target {target!r} (this edgellm runs cpu and tensorrt bundles)")

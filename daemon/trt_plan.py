@@ -1,0 +1,198 @@
+"""What a TensorRT engine for a bundle looks like, decided without TensorRT or a GPU.
+
+Profile shapes, decode batch sizes, step buffer layout and sizes, the device-memory budget, engine
+compatibility and precision support per GPU: plain functions shared by the compiler
+(build_engine/trt_compiler.py) and the daemon's backend (daemon/backend_trt.py), tested on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.bundle import KvCacheLayout
+from daemon.scheduler import decode_shapes
+
+ENGINE_FILE = "model.engine"
+PREFILL = 0  # optimization profile of prefill; decode batch size k-th in decode_batch_sizes() uses profile 1 + k
+DEFAULT_MAX_PREFILL_TOKENS = 1024
+# Step inputs, packed into one int64 buffer per step shape so one copy moves them all.
+STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "logits_indices")
+MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "bf16": (8, 0), "int8": (7, 5), "fp16": (7, 5)}
+
+
+class EngineMismatch(Exception):
+    """The engine was built for another TensorRT version or GPU (engines are not portable)."""
+
+
+class PrecisionUnsupported(ValueError):
+    """The GPU cannot run this precision."""
+
+
+def format_cc(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def check_precision_supported(precision: str, compute_capability: tuple[int, int], gpu_name: str = "this GPU") -> None:
+    """Refuse a precision the GPU has no tensor-core support for (FP8 needs compute capability 8.9)."""
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    if need is None or tuple(compute_capability) >= need:
+        return
+    hint = " Build with --precision int8 (or fp16) instead." if precision in ("fp8", "bf16") else ""
+    raise PrecisionUnsupported(f"{precision} needs compute capability {format_cc(need)} or newer; {gpu_name} has "
+                               f"{format_cc(compute_capability)}.{hint}")
+
+
+def decode_batch_sizes(slots: int) -> list[int]:
+    """The decode shapes the scheduler uses, each of which gets its own CUDA graph."""
+    return decode_shapes(slots)
+
+
+def default_max_prefill_tokens(context_length: int) -> int:
+    """Longest prefill one engine call takes; the backend splits longer prompts into chunks."""
+    return min(context_length, DEFAULT_MAX_PREFILL_TOKENS)
+
+
+Shape = tuple[int, ...]
+
+
+def decode_profile(rows: int, slots: int) -> int:
+    """The optimization profile (and so the execution context and CUDA graph) of a decode batch size."""
+    return 1 + decode_batch_sizes(slots).index(rows)
+
+
+def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens: int) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """[prefill, decode for each decode batch size]: name -> (min, opt, max) for every input.
+
+    Prefill: one row, 1..max_prefill_tokens tokens (opt: a typical prompt chunk). Decode: one token per row,
+    static shapes, one profile per batch size the scheduler uses. Why one each: every CUDA graph needs
+    its own execution context with fixed shapes, and TensorRT documents that execution contexts alive at
+    the same time must not share a profile; a static profile also gets kernels tuned for its exact shape.
+    The KV-cache dims are static but for the batch."""
+    if max_prefill_tokens < 1 or max_prefill_tokens > layout.max_seq - 1:
+        raise ValueError(f"max prefill tokens must be in 1..{layout.max_seq - 1}, got {max_prefill_tokens}")
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    cache = (layout.num_kv_heads, layout.max_seq, layout.head_dim)
+    kv_names = [f"past_{kv}.{i}" for i in range(layout.num_layers) for kv in ("key", "value")]
+
+    def profile(rows: tuple[int, int, int], tokens: tuple[int, int, int]) -> dict[str, tuple[Shape, Shape, Shape]]:
+        p = {"input_ids": tuple((r, t) for r, t in zip(rows, tokens)),
+             "position_ids": tuple((r, t) for r, t in zip(rows, tokens)),
+             "write_indices": tuple((r,) for r in rows),
+             "logits_indices": tuple((r, 1) for r in rows)}
+        for name in kv_names:
+            p[name] = tuple((r, *cache) for r in rows)
+        return p
+
+    opt_prompt = min(max_prefill_tokens, 128)
+    return [profile((1, 1, 1), (1, opt_prompt, max_prefill_tokens)),
+            *(profile((r, r, r), (1, 1, 1)) for r in decode_batch_sizes(slots))]
+
+
+def profiles_to_manifest(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) -> list[dict[str, Any]]:
+    """YAML-friendly profiles (the KV-cache inputs summarized by the first one's shapes)."""
+    out = []
+    names = ["prefill", *(f"decode_batch_{p['write_indices'][0][0]}" for p in profiles[1:])]
+    for name, p in zip(names, profiles):
+        shapes = {k: [list(s) for s in v] for k, v in p.items() if not k.startswith("past_")}
+        kv = next((v for k, v in p.items() if k.startswith("past_")), None)
+        if kv is not None:
+            shapes["past_*"] = [list(s) for s in kv]
+        out.append({"name": name, "shapes": shapes})
+    return out
+
+
+def packed_inputs(rows: int, tokens: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Where each step input lives in the packed int64 buffer: name -> (element offset, shape)."""
+    shapes = {"input_ids": (rows, tokens), "position_ids": (rows, tokens), "write_indices": (rows,),
+              "logits_indices": (rows, 1)}
+    out, offset = {}, 0
+    for name in STEP_INPUTS:
+        out[name] = (offset, shapes[name])
+        n = 1
+        for d in shapes[name]:
+            n *= d
+        offset += n
+    return out
+
+
+def packed_input_elements(rows: int, tokens: int) -> int:
+    offset, shape = packed_inputs(rows, tokens)[STEP_INPUTS[-1]]
+    return offset + rows
+
+
+def graph_key(profile: int, rows: int, tokens: int) -> tuple[int, int, int]:
+    """A CUDA graph is valid for exactly one profile and one set of input shapes."""
+    return (profile, rows, tokens)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Device memory the backend allocates once at start, in bytes."""
+
+    weights: int  # the engine's size: weights dominate it
+    kv_cache: int
+    activations: int  # TensorRT's scratch memory, shared by both profiles' contexts
+    step_buffers: int  # packed inputs and logits of every step shape
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.step_buffers
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (f"{self.total / mib:.0f} MiB (weights {self.weights / mib:.0f}, KV cache {self.kv_cache / mib:.0f}, "
+                f"activations {self.activations / mib:.0f}, step buffers {self.step_buffers / mib:.1f})")
+
+
+def step_buffer_bytes(slots: int, vocab_size: int, max_prefill_tokens: int) -> int:
+    """Packed inputs of the prefill shape and each decode shape, plus logits of one row and of every decode shape."""
+    inputs = packed_input_elements(1, max_prefill_tokens) + sum(packed_input_elements(r, 1) for r in decode_batch_sizes(slots))
+    logits = vocab_size + sum(r * vocab_size for r in decode_batch_sizes(slots))
+    return 8 * inputs + 4 * logits
+
+
+def memory_budget(layout: KvCacheLayout, slots: int, vocab_size: int, max_prefill_tokens: int, engine_bytes: int,
+                  activation_bytes: int) -> MemoryBudget:
+    return MemoryBudget(engine_bytes, layout.bytes_per_row() * slots, activation_bytes,
+                        step_buffer_bytes(slots, vocab_size, max_prefill_tokens))
+
+
+def check_memory(budget: MemoryBudget, free_bytes: int, headroom: float = 0.9) -> None:
+    """Refuse to start when the budget does not fit the GPU's free memory (keeping 10% for CUDA itself)."""
+    if budget.total > free_bytes * headroom:
+        raise MemoryError(f"the engine needs {budget.summary()} but the GPU has {free_bytes / (1 << 20):.0f} MiB free; "
+                          f"lower engine.slots or rebuild with a shorter --context-length")
+
+
+def tensorrt_version_key(version: str) -> tuple[int, ...]:
+    """major.minor.patch of a TensorRT version string (the build number does not change the engine format)."""
+    parts = []
+    for p in version.split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_engine_compatible(engine: dict[str, Any], tensorrt_version: str, gpu_name: str,
+                            compute_capability: tuple[int, int], slots: int) -> None:
+    """Refuse an engine built by another TensorRT, for another GPU, or for fewer slots than configured."""
+    built = engine.get("tensorrt_version", "?")
+    if tensorrt_version_key(built) != tensorrt_version_key(tensorrt_version):
+        raise EngineMismatch(f"the engine was built with TensorRT {built}, this machine runs TensorRT {tensorrt_version}; "
+                             f"engines are not portable: compile the bundle again here (edgellm compile BUNDLE --force)")
+    gpu = engine.get("gpu", {})
+    cc = format_cc(compute_capability)
+    if gpu.get("compute_capability") != cc or gpu.get("name") != gpu_name:
+        raise EngineMismatch(f"the engine was built for {gpu.get('name', '?')} (compute capability "
+                             f"{gpu.get('compute_capability', '?')}), this GPU is {gpu_name} ({cc}); engines are not "
+                             f"portable: compile the bundle again here (edgellm compile BUNDLE --force)")
+    if slots > engine.get("slots", 0):
+        raise EngineMismatch(f"engine.slots is {slots} but the engine was compiled for at most {engine.get('slots')}; "
+                             f"lower engine.slots or compile again with --slots {slots}")
+    compiled = engine.get("decode_batch_sizes", [])
+    if not set(decode_batch_sizes(slots)) <= set(compiled):
+        usable = [s for s in range(1, engine.get("slots", 0) + 1) if set(decode_batch_sizes(s)) <= set(compiled)]
+        raise EngineMismatch(f"engine.slots {slots} decodes batches of {decode_batch_sizes(slots)} rows, the engine has "
+                             f"profiles for {compiled}; set engine.slots to one of {usable} or compile again with --slots {slots}")

@@ -1,0 +1,112 @@
+"""TensorRT and CUDA graphs on real hardware (pytest -m gpu): the checks `edgellm validate` runs, on a tiny model.
+
+Skipped wherever TensorRT or a CUDA GPU is missing (this project's build machines), with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from build_engine.trt_compiler import tensorrt_available
+
+_MISSING = tensorrt_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_MISSING is not None, reason=f"needs TensorRT and a GPU: {_MISSING}")]
+
+SLOTS = 4
+
+
+@pytest.fixture(scope="module", params=["fp16", "int8"])
+def compiled(request, tiny_checkpoint, tmp_path_factory) -> Path:
+    from build_engine import accuracy
+    from build_engine.build import build_bundle
+    from build_engine.trt_compiler import compile_bundle
+
+    # A random model's flat logits miss the trained-model thresholds; the GPU checks are about the engine.
+    saved = dict(accuracy.THRESHOLDS)
+    accuracy.THRESHOLDS.update({k: (2.0, 0.0) for k in accuracy.THRESHOLDS})
+    try:
+        path = build_bundle(tiny_checkpoint, tmp_path_factory.mktemp("trt") / request.param, target="tensorrt",
+                            precision=request.param, context_length=64)
+    finally:
+        accuracy.THRESHOLDS.update(saved)
+    compile_bundle(path, slots=SLOTS, max_prefill_tokens=16)
+    return path
+
+
+def test_engine_recorded_in_manifest(compiled):
+    import tensorrt as trt
+
+    from daemon.bundle import load_bundle
+
+    engine = load_bundle(compiled).manifest["engine"]
+    assert engine["tensorrt_version"] == trt.__version__
+    assert engine["decode_batch_sizes"] == [1, 2, 4]
+    assert [p["name"] for p in engine["profiles"]] == ["prefill", "decode_batch_1", "decode_batch_2", "decode_batch_4"]
+    assert (compiled / engine["file"]).stat().st_size > 0
+    assert list(compiled.parent.glob(".edgellm-timing-trt*.cache"))
+
+
+def test_graphs_captured_and_replay_equals_plain_enqueue(compiled):
+    from daemon.backend_trt import TrtBackend
+    from daemon.bundle import load_bundle
+
+    backend = TrtBackend(load_bundle(compiled), SLOTS)
+    try:
+        assert set(backend.graph_status) == {1, 2, 4}
+        assert all(s == "captured" for s in backend.graph_status.values()), backend.graph_status
+        backend.prefill(0, list(range(1, 20)), 0)  # longer than max_prefill_tokens: two chunks
+        for rows in (1, 2, 4):
+            b = backend.decode_binding(rows)
+            b.input_ids.fill(5)
+            b.position_ids.fill(19)
+            b.write_indices.fill(19)
+            with_graph = backend.decode(b).copy()
+            plain = backend.decode_plain(b).copy()
+            assert with_graph.shape == (rows, backend.vocab_size)
+            np.testing.assert_allclose(with_graph, plain, rtol=0, atol=1e-4)
+    finally:
+        backend.close()
+
+
+def test_greedy_tokens_agree_with_onnx_runtime_cpu(compiled):
+    from edgellm.validate import validate_bundle
+
+    report = validate_bundle(compiled, slots=SLOTS, new_tokens=8)
+    print(report.text())
+    assert report.graph_max_diff <= 1e-3
+    assert report.agreement >= 0.8  # fp16/int8 on the GPU vs the same graph in float32 on the CPU
+    assert any("CUDA graph" in k for k in report.timings_ms)
+
+
+def test_mismatched_engine_is_refused(compiled, tmp_path):
+    from daemon.backends import BackendError, create_backend
+    from daemon.bundle import load_bundle
+    from daemon.config import parse_config
+
+    from build_engine.bundle_writer import update_bundle
+
+    copy = tmp_path / "b"
+    shutil.copytree(compiled, copy)
+    engine = yaml.safe_load((copy / "manifest.yaml").read_text())["engine"]
+    update_bundle(copy, {}, {"engine": {**engine, "tensorrt_version": "9.0.0"}})
+    with pytest.raises(BackendError, match="TensorRT 9.0.0.*not portable"):
+        create_backend(load_bundle(copy), parse_config({"engine": {"slots": SLOTS}}))
+    with pytest.raises(BackendError, match="--slots 8"):
+        create_backend(load_bundle(compiled), parse_config({"engine": {"slots": 8}}))
+
+
+def test_daemon_serves_the_engine(compiled):
+    import grpc  # noqa: F401
+
+    from daemon.backends import create_backend
+    from daemon.bundle import load_bundle
+    from daemon.config import parse_config
+
+    backend = create_backend(load_bundle(compiled), parse_config({"engine": {"slots": SLOTS}}))
+    assert backend.name == "tensorrt" and backend.cuda_graphs.startswith("captured")
+    backend.close()
