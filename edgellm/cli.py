@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.bundle import BundleError, load_bundle
     from daemon.config import ConfigError, load_config
     from daemon.request_log import configure_logging
-    from daemon.server import run_daemon
+    from daemon.lifecycle import run_daemon
 
     try:
         config = load_config(args.config)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from daemon.backend_onnx import create_cpu_backend  # noqa: E402
 from daemon.bundle import load_bundle  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
-from daemon.server import Daemon, warm_up  # noqa: E402
+from daemon.lifecycle import Daemon, warm_up  # noqa: E402
 from daemon.tokenizer import Tokenizer  # noqa: E402
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc  # noqa: E402
 

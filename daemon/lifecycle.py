@@ -1,0 +1,249 @@
+"""The daemon's lifecycle: load, warm up, start the engine, the gRPC server and the front door, tell
+systemd, serve until SIGTERM, drain and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from daemon.access import AccessGuard, Connections, read_token, server_tls_context
+from daemon.bundle import Bundle, verify_in_background
+from daemon.config import Config
+from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
+from daemon.metrics import EngineMetrics, serve_metrics
+from daemon.request_log import reopen_log_files
+from daemon.scheduler import Engine, decode_shapes
+from daemon.server import InferenceService
+from daemon.systemd import Notifier, listen_sockets
+from daemon.tokenizer import Tokenizer
+from edgellm import __version__
+from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("edgellm.daemon")
+
+
+def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int) -> pb.ModelInfo:
+    m = bundle.model
+    return pb.ModelInfo(
+        architecture=m["architecture"], hf_architecture=m["hf_architecture"],
+        source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
+        backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
+        vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes,
+        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Create the socket's folder (private when we make it) and clear a stale socket file left by a crash."""
+    p = Path(path)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, mode=0o700)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        p.unlink()
+
+
+class Daemon:
+    """The running service: engine thread, gRPC server and front door, started and stopped together.
+
+    The gRPC server listens on a private socket only; the public sockets (bound here, or inherited
+    from systemd) belong to the front door, which checks who connects (see daemon/front.py).
+    """
+
+    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend,
+                 notifier: Notifier | None = None, inherited: list[socket.socket] | None = None) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.notifier = notifier or Notifier({})
+        self.inherited = inherited or []
+        self.engine: Engine | None = None
+        self.service: InferenceService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.front: FrontDoor | None = None
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.metrics = EngineMetrics()
+        self.metrics_server = None
+        self.metrics_address: str | None = None
+        self.addresses: list[str] = []
+        self._own_unix_socket: str | None = None
+        self._relay_dir: str | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        watchdog = self.notifier.watchdog_s
+        self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
+                             prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
+                             loop=asyncio.get_running_loop(), metrics=self.metrics,
+                             heartbeat=self.notifier.progress if watchdog else None,
+                             heartbeat_s=watchdog / 4 if watchdog else None)
+        token = read_token(cfg.access.token_file) if cfg.access.token_file else None
+        tls = server_tls_context(cfg.access)
+        connections = Connections()
+        self.engine.start()
+        info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes)
+        info.cuda_graphs = getattr(self.backend, "cuda_graphs", "")
+        self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
+                                        connections)
+        guard = AccessGuard(cfg.access, connections, token,
+                            on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
+        limit = cfg.limits.max_message_bytes
+        self.server = grpc.aio.server(interceptors=[guard], options=[("grpc.max_receive_message_length", limit),
+                                                                     ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self._set_serving(False)  # NOT_SERVING until everything below is up
+        self._relay_dir = tempfile.mkdtemp(prefix="edgellm-")  # 0700: only this user reaches the gRPC socket
+        grpc_path = os.path.join(self._relay_dir, "grpc.sock")
+        self.server.add_insecure_port(f"unix:{grpc_path}")
+        self.front = FrontDoor(grpc_path, self._relay_dir, connections, tls)
+        for sock in self._listeners():
+            self.front.add(sock)
+        self.addresses = [address_of(sock) for sock in self.front.listeners]
+        await self.server.start()
+        self.front.start()
+        if cfg.service.metrics:
+            self.metrics_server = serve_metrics(self.metrics.registry, cfg.service.metrics)
+            self.metrics_address = f"{cfg.service.metrics.rpartition(':')[0]}:{self.metrics_server.server_port}"
+        self._set_serving(True)
+        log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
+                 f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
+
+    def _listeners(self) -> list[socket.socket]:
+        """Sockets inherited from systemd replace the configured ones of the same kind (Unix, TCP)."""
+        cfg = self.config
+        listeners = list(self.inherited)
+        for sock in listeners:
+            log.info("listening socket from systemd: %s", address_of(sock))
+        if cfg.listen.unix and not any(s.family == socket.AF_UNIX for s in self.inherited):
+            prepare_unix_socket(cfg.listen.unix)
+            listeners.append(unix_listener(cfg.listen.unix, cfg.listen.unix_mode, cfg.listen.unix_group))
+            self._own_unix_socket = cfg.listen.unix
+        if cfg.listen.tcp and not any(s.family != socket.AF_UNIX for s in self.inherited):
+            listeners.append(tcp_listener(cfg.listen.tcp))
+        exposed = [s for s in listeners if s.family != socket.AF_UNIX and not ipaddress.ip_address(s.getsockname()[0]).is_loopback]
+        if exposed and cfg.access.tls_cert is None:
+            log.warning("TCP without TLS on %s: whoever reaches the port reads and sends requests in clear text",
+                        address_of(exposed[0]))
+        return listeners
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests (UNAVAILABLE), let running ones go on for up to `grace` seconds, then cancel the rest."""
+        service = self.service
+        if service is None or service.draining:
+            return
+        service.draining = True
+        self._set_serving(False)
+        running = len(service.live)
+        log.info("draining: %d requests running, up to %gs", running, grace)
+        self.notifier.stopping(f"draining: {running} requests running, up to {grace:g}s")
+        try:
+            await asyncio.wait_for(service.all_done.wait(), grace)
+        except TimeoutError:
+            message = f"the server is shutting down: the request did not finish within the drain period ({grace:g}s)"
+            log.info("cancelling %d requests after the drain period", len(service.live))
+            for seq in list(service.live):
+                self.engine.cancel(seq, message)
+            try:  # the engine ends them at its next step
+                await asyncio.wait_for(service.all_done.wait(), 30)
+            except TimeoutError:
+                log.error("%d requests did not end after cancellation", len(service.live))
+
+    def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "edgellm.v1.Inference"):
+            self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain (up to `grace` seconds), then close the server, the front door and the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain(grace)
+        if self.server:
+            await self.server.stop(1.0)  # streams already ended send their last messages; idle ones are closed
+        if self.front:
+            await asyncio.get_running_loop().run_in_executor(None, self.front.stop)
+        if self.engine:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self.metrics_server:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        if self._own_unix_socket:
+            Path(self._own_unix_socket).unlink(missing_ok=True)
+        if self._relay_dir:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
+
+
+def warm_up(backend, slots: int) -> None:
+    """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
+    backend.prefill(0, [0], 0)
+    for rows in decode_shapes(slots):
+        backend.decode(backend.decode_binding(rows))
+
+
+async def run_daemon(config: Config, bundle: Bundle) -> None:
+    """Load everything, serve until SIGINT/SIGTERM, then drain and stop cleanly.
+
+    Under systemd: STATUS= lines while loading, READY=1 once the model is loaded and warmed up and the
+    sockets serve, WATCHDOG=1 from the engine loop, STOPPING=1 when draining; SIGHUP reopens log files.
+    """
+    from daemon.backends import create_backend
+
+    notifier = Notifier()
+    inherited = listen_sockets()
+    # Daemon.start reads the certificates and the token again; a bad path fails here, before a long model load.
+    if config.access.token_file:
+        read_token(config.access.token_file)
+    server_tls_context(config.access)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
+    notifier.status(f"loading {bundle.path}")
+    # Checksums are verified while the model loads and awaited before serving: a changed byte is still refused.
+    verified = verify_in_background(bundle)
+    # The tokenizer loads (in Rust, without the GIL) while ONNX Runtime loads the model.
+    tokenizer_loading = loop.run_in_executor(
+        None, lambda: Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ()))
+    try:
+        backend = create_backend(bundle, config)
+    except Exception:
+        verified.result()  # a changed file explains a failed load best: BundleError names it
+        raise
+    tokenizer = await tokenizer_loading
+    notifier.status("warming up")
+    await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
+    await asyncio.wrap_future(verified)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited)
+    try:
+        await daemon.start()
+        notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "
+                       f"{', '.join(daemon.addresses)}")
+        print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
+        await stop.wait()
+        log.info("stopping")
+        await daemon.drain(config.service.drain_seconds)
+        notifier.status("stopping")
+    finally:
+        await daemon.stop(0)
+        notifier.close()
