@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon_overhead import direct, through_daemon  # noqa: E402
+from daemon_overhead import direct, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
 
@@ -130,24 +128,11 @@ def worker(runtime: str, model: Path, prompt: int, new: int, repeats: int) -> di
 
 def edgellm_runs(bundle_path: Path, args) -> dict[str, dict[str, float]]:
     bundle = load_bundle(bundle_path, verify=False)
-    vocab = int(bundle.model["vocab_size"])
-    rng = lambda n: np.random.default_rng(0).integers(100, vocab - 100, n).tolist()  # noqa: E731
-    decode_prompt, prefill_prompt = rng(args.decode_prompt_tokens), rng(args.prefill_tokens)
+    decode_prompt, prefill_prompt = random_prompt(bundle, args.decode_prompt_tokens), random_prompt(bundle, args.prefill_tokens)
     res = {"daemon": {}, "direct": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = os.path.join(tmp, "bench.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--bundle", str(bundle_path), "--unix", sock,
-                                 "--slots", "1", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-        try:
-            for line in proc.stdout:
-                if "ready on" in line:
-                    break
-            through_daemon(f"unix:{sock}", decode_prompt[:8], 4)  # warm-up
-            d = [through_daemon(f"unix:{sock}", decode_prompt, args.new_tokens) for _ in range(args.repeats)]
-            p = [through_daemon(f"unix:{sock}", prefill_prompt, 2) for _ in range(args.repeats)]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    with serving(bundle_path) as address:
+        d = [through_daemon(address, decode_prompt, args.new_tokens) for _ in range(args.repeats)]
+        p = [through_daemon(address, prefill_prompt, 2) for _ in range(args.repeats)]
     res["daemon"]["decode_tokens_per_s"] = statistics.median(r[1] for r in d)
     res["daemon"]["prefill_tokens_per_s"] = args.prefill_tokens / statistics.median(r[0] for r in p)
     dd = [direct(bundle, decode_prompt, args.new_tokens, 0) for _ in range(args.repeats)]

@@ -11,6 +11,7 @@ Without --bundle it uses the demo model's bundle (built once if needed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import signal
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -27,6 +29,39 @@ from daemon.backend_onnx import create_cpu_backend
 from daemon.bundle import load_bundle
 from edgellm.client import connect
 from edgellm.v1 import edgellm_pb2 as pb
+
+
+def bundle_path(arg: str | None) -> Path:
+    """--bundle, else the demo model's bundle (built once if needed)."""
+    if arg:
+        return Path(arg)
+    from edgellm.cli import demo_bundle
+
+    return demo_bundle()
+
+
+def random_prompt(bundle, n: int) -> list[int]:
+    """n token ids away from the special ones, the same for every runtime of a run."""
+    return np.random.default_rng(0).integers(100, int(bundle.model["vocab_size"]) - 100, n).tolist()
+
+
+@contextlib.contextmanager
+def serving(path: Path, slots: int = 1) -> Iterator[str]:
+    """`edgellm serve` on a temporary Unix socket; yields its address once ready and warmed up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "bench.sock")
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--unix", sock,
+               "--slots", str(slots), "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stdout:
+                if "ready on" in line:
+                    break
+            through_daemon(f"unix:{sock}", [101] * 8, 4)  # warm-up
+            yield f"unix:{sock}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
 
 
 def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
@@ -67,34 +102,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    if args.bundle:
-        path = Path(args.bundle)
-    else:
-        from edgellm.cli import demo_bundle
-
-        path = demo_bundle()
+    path = bundle_path(args.bundle)
     bundle = load_bundle(path, verify=False)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(100, int(bundle.model["vocab_size"]) - 100, args.prompt_tokens).tolist()
+    prompt = random_prompt(bundle, args.prompt_tokens)
 
     results = {"direct": [], "daemon": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = os.path.join(tmp, "bench.sock")
-        cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--unix", sock, "--slots", "1",
-               "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        try:
-            for line in proc.stdout:
-                if "ready on" in line:
-                    break
-            through_daemon(f"unix:{sock}", prompt[:8], 4)  # warm-up
-            # Alternate so that both see the same machine state; the daemon idles while direct runs.
-            for _ in range(args.repeats):
-                results["daemon"].append(through_daemon(f"unix:{sock}", prompt, args.new_tokens))
-                results["direct"].append(direct(bundle, prompt, args.new_tokens, args.threads))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    with serving(path) as address:
+        # Alternate so that both see the same machine state; the daemon idles while direct runs.
+        for _ in range(args.repeats):
+            results["daemon"].append(through_daemon(address, prompt, args.new_tokens))
+            results["direct"].append(direct(bundle, prompt, args.new_tokens, args.threads))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
           f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "

@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from daemon_overhead import bundle_path  # bench/ is on sys.path: the script's own folder
+
 
 def time_to_serving(bundle: Path, timeout: float = 60.0) -> float:
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,12 +55,7 @@ def main() -> None:
     ap.add_argument("--bundle")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if args.bundle:
-        path = Path(args.bundle)
-    else:
-        from edgellm.cli import demo_bundle
-
-        path = demo_bundle()
+    path = bundle_path(args.bundle)
     times = [time_to_serving(path) for _ in range(args.repeats + 1)][1:]  # the first run fills the page cache
     print(f"{path.name}: start to SERVING {statistics.median(times):.2f} s (median of {args.repeats}; "
           f"{', '.join(f'{t:.2f}' for t in times)})")
