@@ -7,12 +7,13 @@ The build refuses a graph whose loss passes the thresholds below.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+
+from build_engine.graph_session import open_session, prefill_feeds
 
 # Largest perplexity ratio (candidate / fp32) and smallest top-1 agreement a build accepts, by precision.
 # Set from what the demo model loses at each precision, with room for models that are harder to quantize.
@@ -60,20 +61,8 @@ def default_text(name: str) -> str:
 
 def all_position_logits(graph: Path, token_ids: list[int], threads: int = 0) -> np.ndarray:
     """Logits [tokens, vocab] of one prefill of token_ids from an empty cache."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(os.fspath(graph), so, providers=["CPUExecutionProvider"])
-    n = len(token_ids)
-    feeds = {"input_ids": np.array([token_ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
-             "write_indices": np.zeros(1, np.int64), "logits_indices": np.arange(n, dtype=np.int64)[None]}
-    for inp in sess.get_inputs():
-        if inp.name.startswith("past_"):
-            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[inp.type]
-            feeds[inp.name] = np.zeros([1, *inp.shape[1:]], dtype)
-    return sess.run(["logits"], feeds)[0][0]
+    sess = open_session(graph, threads)
+    return sess.run(["logits"], prefill_feeds(sess, token_ids, list(range(len(token_ids)))))[0][0]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

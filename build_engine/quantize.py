@@ -15,7 +15,6 @@ and the float16 graph that TensorRT compiles, with the same calibrated scales.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from build_engine.graph_session import open_session, prefill_feeds
 from build_engine.onnx_graph import save_graph
 
 QUANT_PRECISIONS = ("int8", "fp8")
@@ -47,20 +47,11 @@ def linear_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _run_prefills(graph: Path, outputs: list[str], token_ids: list[int], window: int) -> list[list[np.ndarray]]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(os.fspath(graph), so, providers=["CPUExecutionProvider"])
-    past = {i.name: i for i in sess.get_inputs() if i.name.startswith("past_")}
+    sess = open_session(graph)
     results = []
     for start in range(0, len(token_ids), window):
         chunk = token_ids[start:start + window]
-        n = len(chunk)
-        feeds = {"input_ids": np.array([chunk], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
-                 "write_indices": np.zeros(1, np.int64), "logits_indices": np.array([[n - 1]], np.int64)}
-        for name, inp in past.items():
-            feeds[name] = np.zeros([1, *inp.shape[1:]], np.float32)
+        feeds = prefill_feeds(sess, chunk, [len(chunk) - 1])
         results.append(sess.run(outputs, feeds))
     return results
 

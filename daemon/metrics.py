@@ -6,6 +6,7 @@ the same registry). Each daemon has its own registry, so several can live in one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +14,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Seconds: from a millisecond (a decode step of a small model) to minutes (a long queue).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 TOKENS_PER_STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    queue_time: Histogram
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    request_duration: Histogram
 
 
 class EngineMetrics:
@@ -42,6 +51,11 @@ class EngineMetrics:
         self.evictions = Counter("edgellm_conversation_evictions", "Idle conversation caches evicted.", registry=r)
         self.request_errors = Counter("edgellm_request_errors", "Requests or calls refused or failed, by gRPC status code.",
                                       ["code"], registry=r)
+
+    def for_class(self, priority: str) -> "ClassMetrics":
+        """The histogram children of one priority class, looked up once: some are observed on every token."""
+        return ClassMetrics(self.queue_time.labels(priority), self.time_to_first_token.labels(priority),
+                            self.inter_token_latency.labels(priority), self.request_duration.labels(priority))
 
     def bind_gauges(self, queue_length: Callable[[], float], slots_in_use: Callable[[], float],
                     kv_cache_tokens: Callable[[], float]) -> None:

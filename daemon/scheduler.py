@@ -180,6 +180,7 @@ class Engine:
         self.loop = loop
         self.clock = clock
         self.metrics = metrics or EngineMetrics()
+        self.class_metrics = {p: self.metrics.for_class(p.name.lower()) for p in Priority}
         self.metrics.bind_gauges(lambda: self.queue_length, lambda: self.slots_in_use, self._kv_tokens)
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.free_slots = list(range(backend.slots))
@@ -386,7 +387,7 @@ class Engine:
             conv.busy = True
         if seq.started is None:
             seq.started = now
-            self.metrics.queue_time.labels(seq.priority.name.lower()).observe(now - seq.arrival)
+            self.class_metrics[seq.priority].queue_time.observe(now - seq.arrival)
         self.running.append(seq)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
@@ -420,12 +421,11 @@ class Engine:
         """Sample the next token from this sequence's logits row and stream it."""
         token, logprob, top = seq.sampler.sample(logits, seq.output_ids)
         now = self.clock()
-        label = seq.priority.name.lower()
         if seq.first_token is None:
             seq.first_token = now
-            self.metrics.time_to_first_token.labels(label).observe(now - seq.arrival)
+            self.class_metrics[seq.priority].time_to_first_token.observe(now - seq.arrival)
         else:
-            self.metrics.inter_token_latency.labels(label).observe(now - seq.last_token_at)
+            self.class_metrics[seq.priority].inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.output_ids.append(token)
         self.metrics.generated_tokens.inc()
@@ -462,9 +462,8 @@ class Engine:
             self.running.remove(seq)
         end = self.clock()
         started = seq.started if seq.started is not None else end
-        label = seq.priority.name.lower()
-        self.metrics.requests.labels(label, reason.value).inc()
-        self.metrics.request_duration.labels(label).observe(end - seq.arrival)
+        self.metrics.requests.labels(seq.priority.name.lower(), reason.value).inc()
+        self.class_metrics[seq.priority].request_duration.observe(end - seq.arrival)
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             self._recent_durations = [*self._recent_durations[-15:], end - seq.arrival]
         self._events.append((seq.sink, FinishEvent(
