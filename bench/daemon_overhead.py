@@ -76,7 +76,7 @@ def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[fl
     t1 = time.perf_counter()
     for i in range(new_tokens - 1):
         b.input_ids[0, 0] = token
-        b.position_ids[0, 0] = b.write_indices[0] = len(prompt) + i
+        b.positions[0] = len(prompt) + i
         token = int(np.argmax(backend.decode(b)[0]))
     return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
 

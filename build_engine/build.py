@@ -16,7 +16,8 @@ log = logging.getLogger("edgellm.build")
 
 # What each (target, precision) builds: the graph's float type (also the KV cache's) and the quantization
 # applied to it. TensorRT int8/fp8: Q/DQ nodes from build_engine/quantize.py on a float16 graph.
-# CPU int8/int4: weight-only MatMulNBits (build_engine/weight_quant.py) on a float32 graph.
+# CPU: ONNX Runtime's fused decoder graph (build_engine/cpu_graph.py) in float32; int8/int4 make its linear
+# layers weight-only MatMulNBits (build_engine/weight_quant.py).
 BUILD_PLANS: dict[tuple[str, str], tuple[str, str | None]] = {
     ("cpu", "fp32"): ("float32", None),
     ("cpu", "int8"): ("float32", "weights-int8"),
@@ -83,7 +84,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     """Build the bundle for `model` into folder `out`; returns its path.
 
     calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text)."""
-    from build_engine.onnx_graph import build_graph, save_graph
+    from build_engine.onnx_graph import save_graph
 
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; this build supports: {', '.join(TARGETS)}")
@@ -98,7 +99,9 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     spec, weights, tok_json, tok_config, source_format = load_checkpoint(model)
     log.info("read %s checkpoint %s (%s, %d layers) in %.1fs", source_format, model, spec.hf_architecture,
              spec.num_layers, time.monotonic() - t0)
-    max_seq = context_length + 1  # one extra position: the write sink of idle rows in a batched step
+    # One extra position: the TensorRT graph's idle rows of a batched step write there (the CPU graph's idle
+    # rows write nothing, but both keep one cache layout).
+    max_seq = context_length + 1
     dtype, quantization = BUILD_PLANS[(target, precision)]
     extra_manifest: dict[str, Any] = {}
     if target == "tensorrt":
@@ -111,7 +114,9 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
 
         graph, extra_manifest = prepare_cpu_graph(spec, weights, tok_json, precision, max_seq)
     else:
-        graph = build_graph(spec, weights, max_seq=max_seq, dtype=dtype)
+        from build_engine.cpu_graph import build_cpu_graph
+
+        graph = build_cpu_graph(spec, weights, max_seq=max_seq)
     del weights
 
     def payload(folder: Path) -> None:

@@ -60,7 +60,7 @@ def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.attention_bias:
             out |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                     p + "self_attn.v_proj.bias": (kv,)}
-            if _has_o_bias(spec):
+            if has_o_bias(spec):
                 out[p + "self_attn.o_proj.bias"] = (h,)
         if spec.qk_norm:
             out |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
@@ -79,7 +79,7 @@ def check_weights(spec: ModelSpec, weights: dict[str, np.ndarray]) -> None:
             raise CheckpointError(f"tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
 
 
-def _has_o_bias(spec: ModelSpec) -> bool:
+def has_o_bias(spec: ModelSpec) -> bool:
     # Llama/Qwen3 `attention_bias` covers o_proj too; Qwen2's fixed biases are on q/k/v only.
     return spec.attention_bias and spec.architecture != "qwen2"
 
@@ -115,7 +115,7 @@ def rope_cache(spec: ModelSpec, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles), np.sin(angles)
 
 
-class _Builder:
+class GraphBuilder:
     """Writes nodes and initializers straight into one ModelProto; every op has one output, named after it."""
 
     def __init__(self, onnx_dtype: int, np_dtype: type) -> None:
@@ -161,7 +161,7 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
         raise ValueError(f"max_seq must be positive, got {max_seq}")
     check_weights(spec, weights)
     onnx_dtype, np_dtype = DTYPES[dtype]
-    g = _Builder(onnx_dtype, np_dtype)
+    g = GraphBuilder(onnx_dtype, np_dtype)
     h, d, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = float(spec.rms_norm_eps)
 
@@ -225,7 +225,7 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
                  scale=1.0 / math.sqrt(d))
         y = g.op("Transpose", [y], o + "attn.t", perm=[0, 2, 1, 3])
         y = g.op("Reshape", [y, g.ints("shape.merge_heads", [0, 0, nh * d])], o + "attn.merged")
-        x = g.op("Add", [x, linear(y, p + "self_attn.o_proj", o + "o_proj", _has_o_bias(spec))], o + "attn_out")
+        x = g.op("Add", [x, linear(y, p + "self_attn.o_proj", o + "o_proj", has_o_bias(spec))], o + "attn_out")
 
         m = rms_norm(x, p + "post_attention_layernorm.weight", o + "mlp_norm")
         gate = linear(m, p + "mlp.gate_proj", o + "gate")

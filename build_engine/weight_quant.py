@@ -55,36 +55,6 @@ def _untie_lm_head(model: onnx.ModelProto) -> None:
                                                            name=node.name))
 
 
-def _fuse_sibling_matmuls(model: onnx.ModelProto) -> None:
-    """MatMuls of one input against weight initializers (q/k/v, gate/up) -> one MatMul on the concatenated
-    columns, then a Split: one kernel call reads the same bytes. Quantization blocks run along the input
-    dimension, so each column's blocks are what they were: the result is unchanged."""
-    inits = {t.name: t for t in model.graph.initializer}
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
-            groups.setdefault(node.input[0], []).append(node)
-    for x, nodes in groups.items():
-        if len(nodes) < 2:
-            continue
-        ws = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
-        name = "+".join(n.name for n in nodes)
-        model.graph.initializer.append(numpy_helper.from_array(np.concatenate(ws, axis=1), name + ".weight"))
-        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), name + ".sizes")
-        model.graph.initializer.append(sizes)
-        first = list(model.graph.node).index(nodes[0])
-        fused = [onnx.helper.make_node("MatMul", [x, name + ".weight"], [name], name=name),
-                 onnx.helper.make_node("Split", [name, sizes.name], [n.output[0] for n in nodes], name=name + ".split",
-                                       axis=-1)]
-        for n in nodes:
-            model.graph.node.remove(n)
-        for i, n in enumerate(fused):
-            model.graph.node.insert(first + i, n)
-    used = {i for n in model.graph.node for i in n.input}
-    for t in [t for t in model.graph.initializer if t.name not in used]:
-        model.graph.initializer.remove(t)
-
-
 def _quantize(model: onnx.ModelProto, bits: int, **select) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -100,7 +70,6 @@ def quantize_weights(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     if precision not in BITS:
         raise ValueError(f"weight-only quantization is {', '.join(BITS)}, not {precision!r}")
     _untie_lm_head(model)
-    _fuse_sibling_matmuls(model)
     bits = BITS[precision]
     head_bits = max(bits, LM_HEAD_BITS)
     model = _quantize(model, bits, nodes_to_exclude=[LM_HEAD_NODE] if head_bits != bits else None)
@@ -118,14 +87,15 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
 
     Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows against fp32."""
     from build_engine.accuracy import THRESHOLDS, check_accuracy, default_text, measure_accuracy
-    from build_engine.onnx_graph import build_graph, save_graph
+    from build_engine.cpu_graph import build_cpu_graph
+    from build_engine.onnx_graph import save_graph
     from build_engine.trt_build import token_ids
 
     heldout = token_ids(tok_json, default_text("heldout"))[:max_seq - 1]
     with tempfile.TemporaryDirectory(prefix="edgellm-acc-") as tmp:
         ref, cand = Path(tmp) / "reference.onnx", Path(tmp) / "candidate.onnx"
-        save_graph(build_graph(spec, weights, max_seq=max_seq), ref)
-        graph = quantize_weights(build_graph(spec, weights, max_seq=max_seq), precision)
+        save_graph(build_cpu_graph(spec, weights, max_seq=max_seq), ref)
+        graph = quantize_weights(build_cpu_graph(spec, weights, max_seq=max_seq), precision)
         save_graph(graph, cand)
         report = measure_accuracy(ref, cand, heldout)
     log.info("%s accuracy on held-out text: %s", precision, report.summary())

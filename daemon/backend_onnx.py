@@ -1,8 +1,8 @@
-"""CPU backend: the bundle's ONNX graph in ONNX Runtime, with a KV cache allocated once.
+"""CPU backend: the bundle's CPU graph (build_engine/cpu_graph.py) in ONNX Runtime, with a KV cache allocated once.
 
 The cache is one numpy array per layer and K/V, shaped [slots, kv_heads, max_seq, head_dim]. A step
 runs a contiguous range of rows (slots) by binding views of those arrays as both the `past_*` inputs
-and the `present_*` outputs, so TensorScatter updates the cache in place and nothing is copied.
+and the `present_*` outputs, so GroupQueryAttention appends to the cache in place and nothing is copied.
 Decode bindings are kept per row range and their inputs live in fixed numpy buffers: a decode step
 writes a few integers and calls ONNX Runtime, nothing else (the same fixed-buffer discipline the
 TensorRT backend needs for CUDA graph replay).
@@ -23,14 +23,18 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 @dataclass
 class _Binding:
-    """An IOBinding whose inputs and logits output are fixed numpy buffers."""
+    """An IOBinding whose inputs and logits output are fixed numpy buffers.
+
+    A decode step's caller fills input_ids [rows, 1] and positions [rows] (each row's token position, -1 for
+    an idle row); decode() turns positions into the graph's seqlens_k and query_lengths."""
 
     io: ort.IOBinding
     input_ids: np.ndarray
-    position_ids: np.ndarray
-    write_indices: np.ndarray
+    seqlens_k: np.ndarray
+    query_lengths: np.ndarray
     logits_indices: np.ndarray
     logits: np.ndarray
+    positions: np.ndarray
 
 
 class OnnxBackend:
@@ -49,11 +53,14 @@ class OnnxBackend:
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        # Threads, deliberately: one per core, and no spinning (a spinning pool starves the event loop and gRPC
-        # threads that share the cores: 3-4x slower decode on 2 cores). Work is handed out in small dynamic
-        # blocks, so a step is not held up by the one thread that was preempted by those: measured on 2 busy
-        # cores, 1.3-1.5x the decode tokens/s of static blocks; a single thread was 0.4-0.7x.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
+        # each of the ~300 kernels of a decode step costs more than the kernels) and stops spinning the moment
+        # the step returns, so it never competes with the event loop, gRPC threads or the sampler between
+        # steps (a pool left spinning made decode 3-4x slower on 2 cores). Measured on the int8 demo model,
+        # 2 cores: 1.2x the decode tokens/s of a non-spinning pool.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+        # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
         so.add_session_config_entry("session.dynamic_block_base", "4")
         self.session = ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
         dtype = _NP_DTYPES[layout.dtype]
@@ -71,11 +78,11 @@ class OnnxBackend:
 
     def _bind(self, first_row: int, rows: int, tokens: int) -> _Binding:
         io = self.session.io_binding()
-        b = _Binding(io, np.zeros((rows, tokens), np.int64), np.zeros((rows, tokens), np.int64),
-                     np.zeros(rows, np.int64), np.zeros((rows, 1), np.int64), self._logits[first_row:first_row + rows])
-        for name in ("input_ids", "position_ids", "write_indices", "logits_indices"):
+        b = _Binding(io, np.zeros((rows, tokens), np.int64), np.zeros(rows, np.int32), np.full(rows, tokens, np.int32),
+                     np.zeros((rows, 1), np.int64), self._logits[first_row:first_row + rows], np.zeros(rows, np.int32))
+        for name in ("input_ids", "seqlens_k", "query_lengths", "logits_indices"):
             arr = getattr(b, name)
-            io.bind_input(name, "cpu", 0, np.int64, list(arr.shape), arr.ctypes.data)
+            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         shape = [rows, self.layout.num_kv_heads, self.layout.max_seq, self.layout.head_dim]
         for i, (k, v) in enumerate(self.cache):
             for kind, arr in (("key", k), ("value", v)):
@@ -90,14 +97,13 @@ class OnnxBackend:
         n = len(token_ids)
         b = self._bind(row, 1, n)
         b.input_ids[0] = token_ids
-        b.position_ids[0] = np.arange(start, start + n)
-        b.write_indices[0] = start
+        b.seqlens_k[0] = start + n - 1
         b.logits_indices[0, 0] = n - 1
         self.session.run_with_iobinding(b.io)
         return b.logits[0, 0]
 
     def decode_binding(self, rows: int) -> _Binding:
-        """The fixed buffers of a decode step over rows [0, rows): fill them, then call decode()."""
+        """The fixed buffers of a decode step over rows [0, rows): fill input_ids and positions, then call decode()."""
         key = (0, rows)
         b = self._decode_bindings.get(key)
         if b is None:
@@ -106,6 +112,9 @@ class OnnxBackend:
 
     def decode(self, b: _Binding) -> np.ndarray:
         """One token per row; returns logits [rows, vocab] (a view of the reused buffer)."""
+        # An idle row (position -1) gets no new token: nothing is written to its cache, its logits are unused.
+        np.maximum(b.positions, 0, out=b.seqlens_k)
+        np.greater_equal(b.positions, 0, out=b.query_lengths, casting="unsafe")
         self.session.run_with_iobinding(b.io)
         return b.logits[:, 0]
 

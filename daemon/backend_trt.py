@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,8 @@ class _Step:
     position_ids: np.ndarray
     write_indices: np.ndarray
     logits_indices: np.ndarray
+    # What a decode step's caller fills, with input_ids: each row's token position, -1 for an idle row.
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     graph: CudaGraph | None = None
 
 
@@ -138,7 +140,7 @@ class TrtBackend:
         views = {name: host_in[off:off + int(np.prod(shape))].reshape(shape)
                  for name, (off, shape) in packed_inputs(rows, tokens).items()}
         return _Step(context, rows, host_in, cuda.mem_alloc(host_in.nbytes), host_logits,
-                     cuda.mem_alloc(host_logits.nbytes), **views)
+                     cuda.mem_alloc(host_logits.nbytes), **views, positions=np.zeros(rows, np.int64))
 
     def _bind(self, step: _Step, first_row: int, rows: int, tokens: int) -> None:
         """Shapes and addresses of one step; inputs packed in device_in, KV cache rows [first_row, first_row+rows)."""
@@ -156,11 +158,17 @@ class TrtBackend:
         ctx.set_tensor_address("logits", int(step.device_logits))
 
     def _warm_up(self, step: _Step) -> None:
-        # Idle-row inputs: token 0 at position 0 written to the scratch slot, which no query ever reads.
         step.input_ids.fill(0)
-        step.position_ids.fill(0)
-        step.write_indices.fill(self.layout.max_seq - 1)
+        step.positions.fill(-1)
+        self._decode_inputs(step)
         self._run(step, graph=False)
+
+    def _decode_inputs(self, step: _Step) -> None:
+        """positions -> the graph's position_ids and write_indices. An idle row sits at position 0 (so it
+        widens nothing) and writes to the cache's last, scratch position, which no query ever reads."""
+        np.maximum(step.positions, 0, out=step.position_ids[:, 0])
+        np.copyto(step.write_indices, step.positions)
+        np.putmask(step.write_indices, step.positions < 0, self.layout.max_seq - 1)
 
     def _capture(self, step: _Step) -> None:
         try:
@@ -230,17 +238,19 @@ class TrtBackend:
         return step.host_logits[0, 0]
 
     def decode_binding(self, rows: int) -> _Step:
-        """The fixed (pinned) buffers of a decode step over rows [0, rows): fill them, then call decode()."""
+        """The fixed buffers of a decode step over rows [0, rows): fill input_ids and positions, then call decode()."""
         return self._decode[rows]
 
     def decode(self, step: _Step) -> np.ndarray:
         """One token per row; returns logits [rows, vocab] (a view of the pinned buffer)."""
         self._ensure_context()
+        self._decode_inputs(step)
         return self._run(step)[:, 0]
 
     def decode_plain(self, step: _Step) -> np.ndarray:
         """decode() without the CUDA graph (for validation and timing)."""
         self._ensure_context()
+        self._decode_inputs(step)
         return self._run(step, graph=False)[:, 0]
 
     def close(self) -> None:

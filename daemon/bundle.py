@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 MANIFEST_NAME = "manifest.yaml"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py)
 
 
 class BundleError(Exception):

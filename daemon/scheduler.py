@@ -174,7 +174,6 @@ class Engine:
         self.backend = backend
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.scratch_position = context_length  # the cache's extra last position: idle rows write there
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_queued = max_queued
         self.loop = loop
@@ -404,14 +403,11 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         rows = decode_rows(max(s.slot for s in seqs), self.backend.slots)
         b = self.backend.decode_binding(rows)
-        # Idle rows: token 0 at position 0 (so they do not widen the attended prefix), written to the scratch slot.
         b.input_ids.fill(0)
-        b.position_ids.fill(0)
-        b.write_indices.fill(self.scratch_position)
+        b.positions.fill(-1)  # idle rows: the backend writes nothing for them and their logits go unread
         for s in seqs:
             b.input_ids[s.slot, 0] = s.output_ids[-1]
-            b.position_ids[s.slot, 0] = s.cached
-            b.write_indices[s.slot] = s.cached
+            b.positions[s.slot] = s.cached
         logits = self.backend.decode(b)
         for s in seqs:
             s.cached += 1

@@ -9,7 +9,6 @@ and decode with and without CUDA graphs. Needs TensorRT and an NVIDIA GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -46,26 +45,37 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _cpu_reference(bundle, slots: int):
-    """An ONNX Runtime backend over the bundle's graph widened to float32."""
+def _cpu_reference(bundle):
+    """An ONNX Runtime session over the bundle's graph widened to float32."""
     import onnx
 
+    from build_engine.graph_session import open_session
     from build_engine.onnx_graph import save_graph
     from build_engine.quantize import float32_twin
-    from daemon.backend_onnx import OnnxBackend
 
     model = onnx.load(str(bundle.graph_path), load_external_data=True)
-    layout = dataclasses.replace(bundle.kv_cache, dtype="float32")
     with tempfile.TemporaryDirectory(prefix="edgellm-validate-") as tmp:
         save_graph(float32_twin(model), Path(tmp) / "model.onnx")
-        return OnnxBackend(Path(tmp) / "model.onnx", layout, int(bundle.model["vocab_size"]), slots)
+        return open_session(Path(tmp) / "model.onnx")
+
+
+def _cpu_greedy(session, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens, each from a whole forward pass over the prompt and the tokens so far (no cache to trust)."""
+    from build_engine.graph_session import prefill_feeds
+
+    out: list[int] = []
+    for _ in range(n):
+        seq = ids + out
+        logits = session.run(["logits"], prefill_feeds(session, seq, [len(seq) - 1]))[0]
+        out.append(int(np.argmax(logits[0, 0])))
+    return out
 
 
 def _greedy(backend, ids: list[int], n: int) -> list[int]:
     out = [int(np.argmax(backend.prefill(0, ids, 0)))]
     b = backend.decode_binding(1)
     for i in range(n - 1):
-        b.input_ids[0, 0], b.position_ids[0, 0], b.write_indices[0] = out[-1], len(ids) + i, len(ids) + i
+        b.input_ids[0, 0], b.positions[0] = out[-1], len(ids) + i
         out.append(int(np.argmax(backend.decode(b)[0])))
     return out
 
@@ -94,18 +104,18 @@ def validate_bundle(path: Path, slots: int = 4, new_tokens: int = 16) -> Validat
     precision = bundle.manifest["precision"]
     report = ValidationReport(precision, min_agreement=THRESHOLDS[precision][1], prompts=len(PROMPTS))
     tokenizer = Tokenizer.from_dir(bundle.path)
-    cpu = _cpu_reference(bundle, 1)
+    cpu = _cpu_reference(bundle)
     gpu = TrtBackend(bundle, slots)
     report.cuda_graphs = gpu.cuda_graphs
     agree = total = 0
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
-        want = _greedy(cpu, ids, new_tokens)
+        want = _cpu_greedy(cpu, ids, new_tokens)
         report.greedy_identical += _greedy(gpu, ids, new_tokens) == want
         got = [int(np.argmax(gpu.prefill(0, ids, 0)))]
         b = gpu.decode_binding(1)
         for i, token in enumerate(want[:-1]):  # teacher forcing: the CPU's token goes in
-            b.input_ids[0, 0], b.position_ids[0, 0], b.write_indices[0] = token, len(ids) + i, len(ids) + i
+            b.input_ids[0, 0], b.positions[0] = token, len(ids) + i
             got.append(int(np.argmax(gpu.decode(b)[0])))
         agree += sum(a == w for a, w in zip(got, want))
         total += len(want)
@@ -115,8 +125,7 @@ def validate_bundle(path: Path, slots: int = 4, new_tokens: int = 16) -> Validat
     for rows in sorted(gpu.graph_status):
         b = gpu.decode_binding(rows)
         b.input_ids.fill(1)
-        b.position_ids.fill(3)
-        b.write_indices.fill(3)
+        b.positions.fill(3)
         with_graph = gpu.decode(b).copy()
         plain = gpu.decode_plain(b).copy()
         report.graph_max_diff = max(report.graph_max_diff, float(np.abs(with_graph - plain).max()))

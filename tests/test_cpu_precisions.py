@@ -18,7 +18,8 @@ import pytest
 
 from build_engine.accuracy import THRESHOLDS, AccuracyError, all_position_logits
 from build_engine.build import build_bundle, load_checkpoint
-from build_engine.onnx_graph import build_graph, save_graph
+from build_engine.cpu_graph import build_cpu_graph
+from build_engine.onnx_graph import save_graph
 from build_engine.weight_quant import LM_HEAD_NODE, quantize_weights
 from daemon.backend_onnx import create_cpu_backend
 from daemon.bundle import load_bundle
@@ -32,7 +33,7 @@ def tiny_graphs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("precisions")
     paths = {}
     for precision in ("fp32", "int8", "int4"):
-        graph = build_graph(spec, weights, max_seq=MAX_SEQ)
+        graph = build_cpu_graph(spec, weights, max_seq=MAX_SEQ)
         if precision != "fp32":
             graph = quantize_weights(graph, precision)
         paths[precision] = out / f"{precision}.onnx"
@@ -55,7 +56,7 @@ def test_every_linear_layer_becomes_matmulnbits(tiny_graphs, tiny_checkpoint):
         assert len(nbits) == 4 * spec.num_layers + 1
         n_out = {out: next(a.i for a in n.attribute if a.name == "N") for out, n in nbits.items()}
         qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-        assert n_out["l0.q_proj+l0.k_proj+l0.v_proj"] == qkv and n_out["l0.gate+l0.up"] == 2 * spec.intermediate_size
+        assert n_out["l0.qkv"] == qkv and n_out["l0.gate_up"] == 2 * spec.intermediate_size
         assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
         head_bits = next(a.i for a in nbits[LM_HEAD_NODE].attribute if a.name == "bits")
         assert head_bits == 8  # at least 8 bits for the vocabulary projection, whatever the layers get
@@ -90,7 +91,7 @@ def test_decode_steps_match_prefill(tiny_graphs, tiny_ids, tiny_checkpoint, prec
     b = backend.decode_binding(1)
     for pos in range(split, len(tiny_ids)):
         b.input_ids[0, 0] = tiny_ids[pos]
-        b.position_ids[0, 0] = b.write_indices[0] = pos
+        b.positions[0] = pos
         np.testing.assert_allclose(backend.decode(b)[0], full[pos], atol=1e-3)
 
 
@@ -144,7 +145,7 @@ def test_demo_model_int8_and_int4(tmp_path):
         for pos in range(len(prompt), len(prompt) + 16):
             out.append(token)
             b.input_ids[0, 0] = token
-            b.position_ids[0, 0] = b.write_indices[0] = pos
+            b.positions[0] = pos
             token = int(np.argmax(backend.decode(b)[0]))
         outputs[precision] = out
     assert outputs["int8"][:8] == outputs["fp32"][:8]

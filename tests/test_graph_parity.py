@@ -1,4 +1,5 @@
-"""The ONNX graph (run in ONNX Runtime with an in-place KV cache) against transformers on tiny random models.
+"""Both ONNX graphs (CPU and TensorRT, run in ONNX Runtime with an in-place KV cache) against transformers on
+tiny random models.
 
 Tolerance: float32 logits within atol 1e-4 of transformers (eager attention) at every step, and identical
 greedy tokens. Random weights give logits of order 1, so 1e-4 is far above float32 noise (~1e-6) and far
@@ -19,6 +20,7 @@ import transformers
 
 from build_engine.hf_checkpoint import load_hf_checkpoint
 from build_engine.model_spec import CheckpointError, ModelSpec, UnsupportedModelError, spec_from_hf_config
+from build_engine.cpu_graph import build_cpu_graph
 from build_engine.onnx_graph import build_graph, save_graph
 from tiny_models import make_tiny_checkpoint
 
@@ -29,25 +31,47 @@ DECODE_STEPS = 32
 VARIANTS = ["llama", "llama3_rope", "llama_linear_rope", "llama_tied", "mistral", "mistral_swa", "qwen2", "qwen3"]
 
 
+GRAPHS = ["cpu", "tensorrt"]  # build_cpu_graph (ONNX Runtime's fused ops) and build_graph (standard ops)
+
+
 class Driver:
-    """Minimal graph runner: numpy KV caches bound as both past_* and present_*, so ORT updates them in place."""
+    """Minimal graph runner: numpy KV caches bound as both past_* and present_*, so ORT updates them in place.
+
+    step() speaks in rows of new tokens, each row with its start position and count; it feeds either graph's
+    inputs (the CPU graph's seqlens_k/query_lengths, the standard graph's position_ids/write_indices)."""
 
     def __init__(self, onnx_path: Path, spec: ModelSpec, rows: int) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.cpu_graph = "seqlens_k" in {i.name for i in self.sess.get_inputs()}
         shape = (rows, spec.num_kv_heads, MAX_SEQ, spec.head_dim)
         self.caches = {f"{kind}.{i}": np.zeros(shape, np.float32)
                        for i in range(spec.num_layers) for kind in ("key", "value")}
 
-    def step(self, input_ids, position_ids, write_indices, logits_indices) -> np.ndarray:
+    def row(self, r: int) -> "Driver":
+        """A driver over row r of this one's caches (the same buffers)."""
+        view = object.__new__(Driver)
+        view.sess, view.cpu_graph = self.sess, self.cpu_graph
+        view.caches = {name: cache[r:r + 1] for name, cache in self.caches.items()}
+        return view
+
+    def step(self, input_ids: list[list[int]], starts: list[int], counts: list[int] | None,
+             logits_indices) -> np.ndarray:
+        """Row b's first counts[b] tokens (all of them if counts is None) go to positions starts[b]...; the rest
+        of a row is padding (the standard graph writes it to the following slots, the CPU graph nowhere)."""
+        width = len(input_ids[0])
+        counts = counts or [width] * len(input_ids)
+        feeds = {"input_ids": np.array(input_ids, np.int64), "logits_indices": np.array(logits_indices, np.int64)}
+        if self.cpu_graph:
+            feeds |= {"seqlens_k": np.array([max(s + n - 1, 0) for s, n in zip(starts, counts)], np.int32),
+                      "query_lengths": np.array(counts, np.int32)}
+        else:
+            feeds |= {"position_ids": np.array([range(s, s + width) for s in starts], np.int64),
+                      "write_indices": np.array(starts, np.int64)}
         io = self.sess.io_binding()
         io.bind_output("logits")
-        # Keep the input arrays referenced until the run ends: the binding does not own them.
-        feeds = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in
-                 dict(input_ids=input_ids, position_ids=position_ids, write_indices=write_indices,
-                      logits_indices=logits_indices).items()}
-        for name, value in feeds.items():
+        for name, value in feeds.items():  # (referenced until the run ends: the binding does not own them)
             io.bind_cpu_input(name, value)
         for name, cache in self.caches.items():
             ptr = cache.ctypes.data
@@ -57,12 +81,15 @@ class Driver:
         return io.get_outputs()[0].numpy()
 
 
-def build(folder: Path, arch: str, **overrides) -> tuple[ModelSpec, Path]:
-    """Tiny checkpoint -> graph file (checked with the full ONNX checker)."""
+def build(folder: Path, arch: str, graph: str = "tensorrt", **overrides) -> tuple[ModelSpec, Path]:
+    """Tiny checkpoint -> graph file (the standard-op graph checked with the full ONNX checker)."""
     make_tiny_checkpoint(folder, arch, **overrides)
     spec, weights = load_hf_checkpoint(folder)
-    model = build_graph(spec, weights, max_seq=MAX_SEQ)
-    onnx.checker.check_model(model, full_check=True)
+    if graph == "cpu":
+        model = build_cpu_graph(spec, weights, max_seq=MAX_SEQ)
+    else:
+        model = build_graph(spec, weights, max_seq=MAX_SEQ)
+        onnx.checker.check_model(model, full_check=True)
     files = save_graph(model, folder / "model.onnx")
     assert files == [folder / "model.onnx", folder / "model.onnx.data"] and all(f.is_file() for f in files)
     return spec, files[0]
@@ -75,22 +102,23 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("arch", VARIANTS)
-def test_greedy_decode_matches_transformers(tmp_path: Path, arch: str) -> None:
-    spec, path = build(tmp_path, arch)
+def test_greedy_decode_matches_transformers(tmp_path: Path, arch: str, graph: str) -> None:
+    spec, path = build(tmp_path, arch, graph)
     assert spec.num_kv_heads < spec.num_heads  # grouped-query attention is exercised
     driver = Driver(path, spec, rows=1)
     prompt = np.random.default_rng(1).integers(3, spec.vocab_size, PROMPT_LEN).tolist()
 
     # Prefill asks for logits at every prompt position, decode at the one new token.
-    steps = [driver.step([prompt], [range(PROMPT_LEN)], [0], [range(PROMPT_LEN)])[0]]
+    steps = [driver.step([prompt], [0], None, [range(PROMPT_LEN)])[0]]
     # The bound numpy caches were written in place, exactly at slots 0..PROMPT_LEN-1.
     written = np.abs(driver.caches["value.0"][0]).sum(axis=(0, 2)) > 0
     assert written.tolist() == [True] * PROMPT_LEN + [False] * (MAX_SEQ - PROMPT_LEN)
     ids = prompt + [int(steps[0][-1].argmax())]
     for _ in range(DECODE_STEPS):
         pos = len(ids) - 1
-        steps.append(driver.step([[ids[-1]]], [[pos]], [pos], [[0]])[0])
+        steps.append(driver.step([[ids[-1]]], [pos], None, [[0]])[0])
         ids.append(int(steps[-1][-1].argmax()))
     ours = np.concatenate(steps)  # logits for positions 0 .. len(ids)-2
     assert ours.shape == (len(ids) - 1, spec.vocab_size) and ours.dtype == np.float32
@@ -102,9 +130,10 @@ def test_greedy_decode_matches_transformers(tmp_path: Path, arch: str) -> None:
     assert ref[PROMPT_LEN - 1:].argmax(-1).tolist() == ids[PROMPT_LEN:]
 
 
-def test_padded_batch_rows_match_single_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_padded_batch_rows_match_single_rows(tmp_path: Path, graph: str) -> None:
     """Right-padded batched prefill and batched decode give each row exactly its solo logits."""
-    spec, path = build(tmp_path, "qwen2")
+    spec, path = build(tmp_path, "qwen2", graph)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, spec.vocab_size, n).tolist() for n in (7, 4)]
 
@@ -113,13 +142,12 @@ def test_padded_batch_rows_match_single_rows(tmp_path: Path) -> None:
         driver = Driver(path, spec, rows=len(rows))
         width = max(len(prompts[r]) for r in rows)
         lens = [len(prompts[r]) for r in rows]
-        # Pad tokens continue the positions; they write garbage into cache slots len..width-1 of short rows.
         ids = [prompts[r] + [0] * (width - n) for r, n in zip(rows, lens)]
-        logits = driver.step(ids, [range(width)] * len(rows), [0] * len(rows), [[n - 1] for n in lens])
+        logits = driver.step(ids, [0] * len(rows), lens, [[n - 1] for n in lens])
         out = [[logits[b, 0]] for b in range(len(rows))]
         for _ in range(steps):
             nxt = [[int(o[-1].argmax())] for o in out]
-            logits = driver.step(nxt, [[n] for n in lens], lens, [[0]] * len(rows))
+            logits = driver.step(nxt, lens, None, [[0]] * len(rows))
             lens = [n + 1 for n in lens]
             for b in range(len(rows)):
                 out[b].append(logits[b, 0])
@@ -128,6 +156,28 @@ def test_padded_batch_rows_match_single_rows(tmp_path: Path) -> None:
     batched = run([0, 1], steps=4)
     for b in (0, 1):
         np.testing.assert_allclose(np.stack(batched[b]), np.stack(run([b], steps=4)[0]), rtol=0, atol=1e-5)
+
+
+def test_cpu_graph_chunked_prefill_and_idle_rows(tmp_path: Path) -> None:
+    """What the daemon's CPU backend relies on: a prompt prefilled in chunks equals one prefill, and an idle
+    row of a batched decode step (no new token) leaves its cache untouched and its neighbours' logits exact."""
+    spec, path = build(tmp_path, "llama", "cpu")
+    prompt = np.random.default_rng(3).integers(3, spec.vocab_size, 12).tolist()
+    whole = Driver(path, spec, rows=1).step([prompt], [0], None, [[11]])[0, 0]
+    driver = Driver(path, spec, rows=3)
+    for row in range(3):  # each row prefilled on its own, as the daemon does; row 1 keeps a 5-token cache
+        alone = driver.row(row)
+        alone.step([prompt[:5]], [0], None, [[4]])
+        if row != 1:
+            chunked = alone.step([prompt[5:]], [5], None, [[6]])[0, 0]
+            np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
+    before = {name: cache[1].copy() for name, cache in driver.caches.items()}
+    nxt = int(whole.argmax())
+    logits = driver.step([[nxt], [0], [nxt]], [12, 0, 12], [1, 0, 1], [[0]] * 3)
+    assert all(np.array_equal(driver.caches[name][1], before[name]) for name in before)
+    ref = hf_logits(tmp_path, prompt + [nxt])[-1]
+    for row in (0, 2):
+        np.testing.assert_allclose(logits[row, 0], ref, rtol=0, atol=ATOL)
 
 
 def test_float16_graph_runs_close_to_float32(tmp_path: Path) -> None:

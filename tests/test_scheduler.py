@@ -18,7 +18,7 @@ from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, P
 
 VOCAB = 97
 EOS = 96
-MAX_SEQ = 65  # context 64 + the scratch position
+MAX_SEQ = 65  # context 64 + the scratch position the bundles keep
 
 
 class FakeBackend:
@@ -47,15 +47,15 @@ class FakeBackend:
     def decode_binding(self, rows):
         self.decode_shapes_seen.add(rows)
         z = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
-        return SimpleNamespace(rows=rows, input_ids=z(rows, 1), position_ids=z(rows, 1), write_indices=z(rows))
+        return SimpleNamespace(rows=rows, input_ids=z(rows, 1), positions=z(rows))
 
     def decode(self, b):
         for r in range(b.rows):
-            self.cache[r, b.write_indices[r]] = b.input_ids[r, 0]
-            if b.write_indices[r] == MAX_SEQ - 1:  # an idle row: written to the scratch slot, logits unused
-                assert b.position_ids[r, 0] == 0
+            if b.positions[r] < 0:  # an idle row: nothing written, logits unused
+                assert b.input_ids[r, 0] == 0
                 continue
-            self._next_logits(r, int(b.position_ids[r, 0]), self._logits[r])
+            self.cache[r, b.positions[r]] = b.input_ids[r, 0]
+            self._next_logits(r, int(b.positions[r]), self._logits[r])
         return self._logits[:b.rows]
 
 
