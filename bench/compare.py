@@ -5,14 +5,15 @@
     .venv-bench/bin/python bench/make_llama360m.py       # once: the ~360M random-weight Llama
     .venv/bin/python bench/compare.py --model .cache/bench/llama-360m --no-accuracy-gate
 
-Per precision, in one run, one runtime after the other (2 threads each, batch 1, greedy, end-of-sequence
-ignored, random prompt token ids from the same seed): decode tokens/s over --new-tokens after a
---decode-prompt-tokens prompt, and prefill tokens/s of a --prefill-tokens prompt, for
+Per precision, in --rounds rounds, each runtime right after the other within a round (2 threads each,
+batch 1, greedy, end-of-sequence ignored, random prompt token ids from the same seed): decode tokens/s
+over --new-tokens after a --decode-prompt-tokens prompt, and prefill tokens/s of a --prefill-tokens
+prompt, for
   edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees)
   edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop)
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
   ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits, block 32, accuracy level 4)
-and the ratios edgellm daemon / each other runtime. Everything it builds goes to .cache/bench/ (gitignored).
+and the ratios edgellm daemon / each other runtime (the median of each round's ratio). Everything it builds goes to .cache/bench/ (gitignored).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from daemon_overhead import direct, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
+from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 CACHE = ROOT / ".cache" / "bench"
+PREFILL_NEW = {"llama.cpp": 1, "genai": 2}  # tokens asked for when timing a prefill (GenAI needs one to decode)
 GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's file type at each bit width
 
 
@@ -110,39 +113,64 @@ def gguf_file(model: Path, name: str, precision: str) -> Path:
 
 
 def genai_folder(hf: Path, name: str, precision: str) -> Path:
-    out = CACHE / f"{name}-genai-{precision}"
+    from build_engine.weight_quant import BITS, BLOCK_SIZES
+
+    block = BLOCK_SIZES[BITS[precision]] if precision in BITS else None
+    out = CACHE / f"{name}-genai-{precision}" if block is None else CACHE / f"{name}-genai-{precision}-b{block}"
     if not (out / "genai_config.json").exists():
-        # The same quantization as edgellm's: symmetric blocks of 32, int8 activations in the kernel.
-        opts = ["--extra_options", "block_size=32", "accuracy_level=4"] if precision in ("int8", "int4") else []
+        # The same quantization as edgellm's: symmetric, the same blocks, int8 activations in the kernel.
+        opts = ["--extra_options", f"block_size={block}", "accuracy_level=4"] if block else []
         run([str(BENCH_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p",
              {"fp32": "fp32", "int8": "int8", "int4": "int4"}[precision], "-e", "cpu",
              "-c", str(CACHE / "genai-cache"), *opts])
     return out
 
 
-def worker(runtime: str, model: Path, prompt: int, new: int, repeats: int) -> dict[str, float]:
+def worker(runtime: str, model: Path, prompt: int, new: int) -> dict[str, float]:
     out = run([str(BENCH_PY), str(ROOT / "bench" / "comparison_workers.py"), runtime, str(model), "--prompt-tokens",
-               str(prompt), "--new-tokens", str(new), "--repeats", str(repeats)])
+               str(prompt), "--new-tokens", str(new), "--repeats", "1"])
     return json.loads(out.strip().splitlines()[-1])
 
 
-def edgellm_runs(bundle_path: Path, args) -> dict[str, dict[str, float]]:
+def measure(model: Path, name: str, precision: str, others: list[str], args) -> dict[str, dict[str, float]]:
+    """Rounds in which every runtime runs the decode and the prefill workload once, one right after the
+    other: figures are medians over rounds, and each ratio is the median of the ratios within a round
+    (on a shared machine whose speed drifts over minutes, only runs seconds apart compare fairly)."""
+    bundle_path = edgellm_bundle(model, name, precision, not args.no_accuracy_gate)
     bundle = load_bundle(bundle_path, verify=False)
     decode_prompt, prefill_prompt = random_prompt(bundle, args.decode_prompt_tokens), random_prompt(bundle, args.prefill_tokens)
-    res = {"daemon": {}, "direct": {}}
+    files = {}
+    if "llama.cpp" in others:
+        files["llama.cpp"] = gguf_file(model, name, precision)
+    if "genai" in others:
+        try:
+            files["genai"] = genai_folder(hf_folder(model, name), name, precision)
+        except subprocess.CalledProcessError as e:
+            print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
+    rounds: list[dict[str, dict[str, float]]] = []
     with serving(bundle_path) as address:
-        d = [through_daemon(address, decode_prompt, args.new_tokens) for _ in range(args.repeats)]
-        p = [through_daemon(address, prefill_prompt, 2) for _ in range(args.repeats)]
-    res["daemon"]["decode_tokens_per_s"] = statistics.median(r[1] for r in d)
-    res["daemon"]["prefill_tokens_per_s"] = args.prefill_tokens / statistics.median(r[0] for r in p)
-    dd = [direct(bundle, decode_prompt, args.new_tokens, 0) for _ in range(args.repeats)]
-    pd = [direct(bundle, prefill_prompt, 2, 0) for _ in range(args.repeats)]
-    res["direct"]["decode_tokens_per_s"] = statistics.median(r[1] for r in dd)
-    res["direct"]["prefill_tokens_per_s"] = args.prefill_tokens / statistics.median(r[0] for r in pd)
-    return res
+        for _ in range(args.rounds):
+            r = {}
+            ttft, decode = through_daemon(address, decode_prompt, args.new_tokens)
+            r["daemon"] = {"decode_tokens_per_s": decode,
+                           "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2)[0]}
+            r["direct"] = {"decode_tokens_per_s": direct(bundle, decode_prompt, args.new_tokens, 0)[1],
+                           "prefill_tokens_per_s": args.prefill_tokens / direct(bundle, prefill_prompt, 2, 0)[0]}
+            for runtime, f in files.items():
+                r[runtime] = {"decode_tokens_per_s": worker(runtime, f, args.decode_prompt_tokens, args.new_tokens)["decode_tokens_per_s"],
+                              "prefill_tokens_per_s": worker(runtime, f, args.prefill_tokens, PREFILL_NEW[runtime])["prefill_tokens_per_s"]}
+            rounds.append(r)
+    table = {rt: {k: statistics.median(r[rt][k] for r in rounds) for k in rounds[0][rt]} for rt in rounds[0]}
+    for rt in table:
+        for k in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            table[rt][k.replace("tokens_per_s", "ratio")] = statistics.median(
+                r["daemon"][k] / r[rt][k] for r in rounds)
+    return table
 
 
 def main() -> None:
+    # Huge pages as the daemon runs with them, for every runtime of the run alike (children inherit them).
+    reexec_with_huge_pages([os.path.abspath(__file__), *sys.argv[1:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint folder or GGUF file (default: the demo model's GGUF)")
     ap.add_argument("--precisions", default="int8,int4")
@@ -150,7 +178,7 @@ def main() -> None:
     ap.add_argument("--decode-prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--no-accuracy-gate", action="store_true",
                     help="build edgellm bundles whatever their accuracy (random-weight models, e.g. llama-360m)")
@@ -170,31 +198,15 @@ def main() -> None:
     table: dict[str, dict[str, dict[str, float]]] = {}
     for precision in args.precisions.split(","):
         print(f"== {name} {precision}", flush=True)
-        rows = edgellm_runs(edgellm_bundle(model, name, precision, not args.no_accuracy_gate), args)
-        if "llama.cpp" in others:
-            g = gguf_file(model, name, precision)
-            rows["llama.cpp"] = {**worker("llama.cpp", g, args.decode_prompt_tokens, args.new_tokens, args.repeats)}
-            rows["llama.cpp"]["prefill_tokens_per_s"] = worker("llama.cpp", g, args.prefill_tokens, 1,
-                                                               args.repeats)["prefill_tokens_per_s"]
-        if "genai" in others:
-            try:
-                gdir = genai_folder(hf_folder(model, name), name, precision)
-                rows["genai"] = worker("genai", gdir, args.decode_prompt_tokens, args.new_tokens, args.repeats)
-                rows["genai"]["prefill_tokens_per_s"] = worker("genai", gdir, args.prefill_tokens, 2,
-                                                               args.repeats)["prefill_tokens_per_s"]
-            except subprocess.CalledProcessError as e:
-                print(f"  ORT GenAI failed at {precision}: {e}", flush=True)
-        table[precision] = rows
+        table[precision] = measure(model, name, precision, others, args)
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); model {name}; decode: prompt "
           f"{args.decode_prompt_tokens}, {args.new_tokens} new tokens; prefill: {args.prefill_tokens} tokens; "
-          f"batch 1, median of {args.repeats}")
+          f"batch 1, median of {args.rounds} interleaved rounds")
     for precision, rows in table.items():
-        daemon = rows["daemon"]
         print(f"{precision}:")
         for runtime, r in rows.items():
             ratio = "" if runtime == "daemon" else (
-                f"   daemon/{runtime}: decode {daemon['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x, "
-                f"prefill {daemon['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x")
+                f"   daemon/{runtime}: decode {r['decode_ratio']:.2f}x, prefill {r['prefill_ratio']:.2f}x")
             print(f"  {runtime:10s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
                   f"{r['prefill_tokens_per_s']:7.1f} tok/s{ratio}")
     if args.json:

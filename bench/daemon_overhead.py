@@ -27,6 +27,8 @@ import numpy as np
 
 from daemon.backend_onnx import create_cpu_backend
 from daemon.bundle import load_bundle
+from daemon.huge_pages import reexec_with_huge_pages
+from daemon.thread_placement import allowed_cpus, pin_current_thread, plan_placement
 from edgellm.client import connect
 from edgellm.v1 import edgellm_pb2 as pb
 
@@ -65,20 +67,28 @@ def serving(path: Path, slots: int = 1) -> Iterator[str]:
 
 
 def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
-    """(time to first token s, decode tokens/s) with the backend driven by a bare greedy loop."""
-    backend = create_cpu_backend(bundle, slots=1, threads=threads)
-    backend.prefill(0, prompt[:1], 0)  # warm-up
-    t0 = time.perf_counter()
-    logits = backend.prefill(0, prompt, 0)
-    token = int(np.argmax(logits))
-    ttft = time.perf_counter() - t0
-    b = backend.decode_binding(1)
-    t1 = time.perf_counter()
-    for i in range(new_tokens - 1):
-        b.input_ids[0, 0] = token
-        b.positions[0] = len(prompt) + i
-        token = int(np.argmax(backend.decode(b)[0]))
-    return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
+    """(time to first token s, decode tokens/s) with the backend driven by a bare greedy loop, its threads
+    placed as the daemon places them (daemon/thread_placement.py)."""
+    placement = plan_placement(threads or len(allowed_cpus()), allowed_cpus())
+    backend = create_cpu_backend(bundle, slots=1, threads=threads, placement=placement)
+    before = os.sched_getaffinity(0)
+    if placement:
+        pin_current_thread(placement.engine_cpu)
+    try:
+        backend.prefill(0, prompt[:1], 0)  # warm-up
+        t0 = time.perf_counter()
+        logits = backend.prefill(0, prompt, 0)
+        token = int(np.argmax(logits))
+        ttft = time.perf_counter() - t0
+        b = backend.decode_binding(1)
+        t1 = time.perf_counter()
+        for i in range(new_tokens - 1):
+            b.input_ids[0, 0] = token
+            b.positions[0] = len(prompt) + i
+            token = int(np.argmax(backend.decode(b)[0]))
+        return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def through_daemon(address: str, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -95,6 +105,8 @@ def through_daemon(address: str, prompt: list[int], new_tokens: int) -> tuple[fl
 
 
 def main() -> None:
+    # Huge pages as the daemon runs with them, for every runtime of the run alike (children inherit them).
+    reexec_with_huge_pages([os.path.abspath(__file__), *sys.argv[1:]])
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle")
     ap.add_argument("--prompt-tokens", type=int, default=128)

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from daemon.bundle import Bundle, KvCacheLayout
+from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -41,7 +42,7 @@ class OnnxBackend:
     name = "onnxruntime-cpu"
 
     def __init__(self, graph_path: str | os.PathLike, layout: KvCacheLayout, vocab_size: int, slots: int,
-                 threads: int = 0):
+                 threads: int = 0, worker_affinities: str | None = None):
         if layout.dtype not in _NP_DTYPES:
             raise ValueError(f"the CPU backend cannot run a {layout.dtype} KV cache")
         self.layout = layout
@@ -50,7 +51,7 @@ class OnnxBackend:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        so.intra_op_num_threads = threads or len(allowed_cpus())
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
@@ -62,6 +63,8 @@ class OnnxBackend:
         so.add_session_config_entry("session.force_spinning_stop", "1")
         # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
         so.add_session_config_entry("session.dynamic_block_base", "4")
+        if worker_affinities:  # see daemon/thread_placement.py
+            so.add_session_config_entry("session.intra_op_thread_affinities", worker_affinities)
         self.session = ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
         dtype = _NP_DTYPES[layout.dtype]
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)
@@ -119,5 +122,7 @@ class OnnxBackend:
         return b.logits[:, 0]
 
 
-def create_cpu_backend(bundle: Bundle, slots: int, threads: int = 0) -> OnnxBackend:
-    return OnnxBackend(bundle.graph_path, bundle.kv_cache, int(bundle.model["vocab_size"]), slots, threads)
+def create_cpu_backend(bundle: Bundle, slots: int, threads: int = 0,
+                       placement: ThreadPlacement | None = None) -> OnnxBackend:
+    return OnnxBackend(bundle.graph_path, bundle.kv_cache, int(bundle.model["vocab_size"]), slots, threads,
+                       placement.onnxruntime_affinities() if placement else None)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from daemon.bundle import Bundle, BundleError
 from daemon.config import Config
+from daemon.thread_placement import ThreadPlacement
 
 
 class BackendError(RuntimeError):
     """The bundle's backend cannot start here; the message says why and what to do."""
 
 
-def create_backend(bundle: Bundle, config: Config):
+def create_backend(bundle: Bundle, config: Config, placement: ThreadPlacement | None = None):
     """A loaded backend for the bundle's target, with its KV cache allocated for config.engine.slots."""
     target = bundle.manifest.get("target", "cpu")
     slots = config.engine.slots
     if target == "cpu":
         from daemon.backend_onnx import create_cpu_backend
 
-        return create_cpu_backend(bundle, slots, config.engine.threads)
+        return create_cpu_backend(bundle, slots, config.engine.threads, placement)
     if target == "tensorrt":
         try:
             import pycuda.driver  # noqa: F401

@@ -36,7 +36,8 @@ class ListenConfig:
 @dataclass
 class EngineConfig:
     slots: int = 4  # requests holding KV cache at once; the cache is allocated for all of them at start
-    threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
+    threads: int = 0  # ONNX Runtime intra-op threads; 0: one per allowed CPU
+    pin_threads: bool = True  # CPU backend: the step's threads and the gRPC side's on fixed CPUs (daemon/thread_placement.py)
     prefill_chunk_tokens: int = 32  # most prompt tokens prefilled per step while others decode (their inter-token latency)
     max_queued: int = 64  # requests waiting for a slot; beyond this new ones get RESOURCE_EXHAUSTED
 

@@ -28,6 +28,7 @@ from daemon.request_log import reopen_log_files
 from daemon.scheduler import Engine, decode_shapes
 from daemon.server import InferenceService
 from daemon.systemd import Notifier, listen_sockets
+from daemon.thread_placement import ThreadPlacement, allowed_cpus, pin_current_thread, plan_placement
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
 from edgellm.v1 import edgellm_pb2 as pb
@@ -65,8 +66,10 @@ class Daemon:
     """
 
     def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend,
-                 notifier: Notifier | None = None, inherited: list[socket.socket] | None = None) -> None:
+                 notifier: Notifier | None = None, inherited: list[socket.socket] | None = None,
+                 placement: ThreadPlacement | None = None) -> None:
         self.config = config
+        self.placement = placement
         self.bundle = bundle
         self.tokenizer = tokenizer
         self.backend = backend
@@ -92,7 +95,10 @@ class Daemon:
                              prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
                              loop=asyncio.get_running_loop(), metrics=self.metrics,
                              heartbeat=self.notifier.progress if watchdog else None,
-                             heartbeat_s=watchdog / 4 if watchdog else None)
+                             heartbeat_s=watchdog / 4 if watchdog else None,
+                             cpu=self.placement.engine_cpu if self.placement else None)
+        if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
+            pin_current_thread(self.placement.service_cpu)
         token = read_token(cfg.access.token_file) if cfg.access.token_file else None
         tls = server_tls_context(cfg.access)
         connections = Connections()
@@ -225,8 +231,11 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     # The tokenizer loads (in Rust, without the GIL) while ONNX Runtime loads the model.
     tokenizer_loading = loop.run_in_executor(
         None, lambda: Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ()))
+    placement = None
+    if config.engine.pin_threads and bundle.manifest.get("target", "cpu") == "cpu":
+        placement = plan_placement(config.engine.threads or len(allowed_cpus()), allowed_cpus())
     try:
-        backend = create_backend(bundle, config)
+        backend = create_backend(bundle, config, placement)
     except Exception:
         verified.result()  # a changed file explains a failed load best: BundleError names it
         raise
@@ -234,7 +243,7 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     notifier.status("warming up")
     await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
     await asyncio.wrap_future(verified)
-    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement)
     try:
         await daemon.start()
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "

@@ -23,6 +23,7 @@ import numpy as np
 from daemon.metrics import EngineMetrics
 from daemon.sampling import Sampler, SamplingParams
 from daemon.text_stream import TextStream
+from daemon.thread_placement import pin_current_thread
 from daemon.tokenizer import Tokenizer
 
 log = logging.getLogger("edgellm.engine")
@@ -170,7 +171,8 @@ class Engine:
                  prefill_chunk_tokens: int = 32, max_queued: int = 64,
                  loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None):
+                 heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None,
+                 cpu: int | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -196,6 +198,7 @@ class Engine:
         # for systemd's watchdog (a step stuck in the backend stops the calls).
         self.heartbeat = heartbeat
         self.heartbeat_s = heartbeat_s
+        self.cpu = cpu  # the CPU the engine thread is pinned to (daemon/thread_placement.py), or None
 
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -255,6 +258,8 @@ class Engine:
         return not self._waiting and not self.running and not any(c.close_requested for c in self.held)
 
     def _run(self) -> None:
+        if self.cpu is not None:
+            pin_current_thread(self.cpu)
         while True:
             with self._cond:
                 while not self._stopping and self._idle():

@@ -332,6 +332,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if argv is None and args.func is cmd_serve:  # the daemon as a command: once more, with huge pages
+        from daemon.huge_pages import reexec_with_huge_pages
+
+        reexec_with_huge_pages(["-m", "edgellm", *sys.argv[1:]])
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -140,3 +140,26 @@ def test_demo_model_answers_through_the_daemon(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="thread placement needs 2 CPUs or more")
+def test_serve_pins_its_threads_and_asks_for_huge_pages(tiny_bundle, tmp_path):
+    """`edgellm serve` re-executes itself once with glibc's huge-page tunable (same PID), then places the
+    engine thread alone on the first allowed CPU and its gRPC side on the last."""
+    import os
+
+    served = Served("--bundle", str(tiny_bundle), "--unix", str(tmp_path / "d.sock"))
+    try:
+        assert served.ready.wait(60), served.proc.stderr.read() if served.proc.poll() is not None else "not ready"
+        pid = served.proc.pid
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
+        allowed = sorted(os.sched_getaffinity(0))
+        pinned = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            status = (task / "status").read_text()
+            pinned.append(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
+        assert pinned.count(str(allowed[0])) == 1  # the engine thread, alone
+        assert pinned.count(str(allowed[-1])) >= 3  # ONNX Runtime's pool thread, the event loop, gRPC's threads
+    finally:
+        assert served.stop() == 0
