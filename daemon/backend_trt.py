@@ -31,7 +31,7 @@ import numpy as np
 from daemon.bundle import Bundle, BundleError
 from daemon.cuda_graph import CudaGraph, CudaGraphError
 from daemon.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_batch_sizes, decode_profile,
-                             memory_budget, packed_input_elements, packed_inputs)
+                             fill_decode_inputs, memory_budget, packed_input_elements, packed_inputs)
 
 log = logging.getLogger("edgellm.backend")
 
@@ -164,11 +164,7 @@ class TrtBackend:
         self._run(step, graph=False)
 
     def _decode_inputs(self, step: _Step) -> None:
-        """positions -> the graph's position_ids and write_indices. An idle row sits at position 0 (so it
-        widens nothing) and writes to the cache's last, scratch position, which no query ever reads."""
-        np.maximum(step.positions, 0, out=step.position_ids[:, 0])
-        np.copyto(step.write_indices, step.positions)
-        np.putmask(step.write_indices, step.positions < 0, self.layout.max_seq - 1)
+        fill_decode_inputs(step.positions, step.position_ids, step.write_indices, self.layout.max_seq - 1)
 
     def _capture(self, step: _Step) -> None:
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from daemon.bundle import KvCacheLayout
 from daemon.scheduler import decode_shapes
 
@@ -196,3 +198,13 @@ def check_engine_compatible(engine: dict[str, Any], tensorrt_version: str, gpu_n
         usable = [s for s in range(1, engine.get("slots", 0) + 1) if set(decode_batch_sizes(s)) <= set(compiled)]
         raise EngineMismatch(f"engine.slots {slots} decodes batches of {decode_batch_sizes(slots)} rows, the engine has "
                              f"profiles for {compiled}; set engine.slots to one of {usable} or compile again with --slots {slots}")
+
+
+def fill_decode_inputs(positions: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+                       scratch_position: int) -> None:
+    """A decode step's row positions (-1: idle row) -> the graph's position_ids [rows, 1] and write_indices
+    [rows], in place. An idle row sits at position 0 (so it widens nothing) and writes to the scratch
+    position, the cache's last, which no query ever reads."""
+    np.maximum(positions, 0, out=position_ids[:, 0])
+    np.copyto(write_indices, positions)
+    np.putmask(write_indices, positions < 0, scratch_position)

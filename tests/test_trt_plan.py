@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from daemon.bundle import KvCacheLayout
 from daemon.scheduler import decode_rows
 from daemon.trt_plan import (PREFILL, EngineMismatch, decode_profile, MemoryBudget, PrecisionUnsupported, check_engine_compatible,
-                             check_memory, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens,
+                             check_memory, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens, fill_decode_inputs,
                              graph_key, memory_budget, optimization_profiles, packed_input_elements, packed_inputs,
                              profiles_to_manifest, step_buffer_bytes, tensorrt_version_key)
 
@@ -146,3 +147,11 @@ def test_tensorrt_availability_is_explained():
         assert "pip install 'edgellm[tensorrt]'" in tensorrt_available()
     else:
         pytest.skip("TensorRT is installed here")
+
+
+def test_decode_positions_become_the_graph_inputs_idle_rows_write_to_the_scratch_slot():
+    positions = np.array([7, -1, 0, 12], np.int64)
+    position_ids, write_indices = np.full((4, 1), 99, np.int64), np.full(4, 99, np.int64)
+    fill_decode_inputs(positions, position_ids, write_indices, scratch_position=64)
+    assert position_ids[:, 0].tolist() == [7, 0, 0, 12]
+    assert write_indices.tolist() == [7, 64, 0, 12]

@@ -63,8 +63,7 @@ def test_graphs_captured_and_replay_equals_plain_enqueue(compiled):
         for rows in (1, 2, 4):
             b = backend.decode_binding(rows)
             b.input_ids.fill(5)
-            b.position_ids.fill(19)
-            b.write_indices.fill(19)
+            b.positions.fill(19)
             with_graph = backend.decode(b).copy()
             plain = backend.decode_plain(b).copy()
             assert with_graph.shape == (rows, backend.vocab_size)
