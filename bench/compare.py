@@ -12,8 +12,10 @@ prompt, for
   edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees)
   edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop)
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
-  ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits, block 32, accuracy level 4)
-and the ratios edgellm daemon / each other runtime (the median of each round's ratio). Everything it builds goes to .cache/bench/ (gitignored).
+  ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits in edgellm's blocks,
+                   accuracy level 4)
+and the ratios edgellm daemon / each other runtime (the median of each round's ratio). Everything it builds
+goes to .cache/bench/ (gitignored).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ which on a bandwidth-bound CPU is what makes the smaller weights pay.
 
 The quantizing itself is onnxruntime's `MatMulNBitsQuantizer` (round to nearest). The vocabulary
 projection is a Gemm against the tied [vocab, hidden] embedding; it is the largest single matrix of a
-small model, so it gets its own transposed [hidden, vocab] copy as a MatMul and is quantized too (to 8 bits
-at least), while the embedding lookup (a Gather, reading only the rows of the input tokens) keeps the fp32 table.
+small model, so it gets its own transposed [hidden, vocab] copy as a MatMul and is quantized too (at 8 bits
+even at int4: LM_HEAD_FORMAT), while the embedding lookup (a Gather, reading only the rows of the input tokens) keeps the fp32 table.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ log = logging.getLogger("edgellm.build")
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = {8: 64, 4: 32}  # bits -> rows of the input dimension per scale
-# The vocabulary projection stays at 8 bits at least: at 4 bits it alone costs the demo model most of its
-# int4 loss (perplexity ratio 1.30 -> 1.21 with it at 8 bits); llama.cpp's Q4_0 likewise keeps it at Q6_K.
-LM_HEAD_BITS = 8
+# The vocabulary projection (bits, rows per block): 8.5 bits per weight at int4 too, as llama.cpp's Q4_0 files
+# keep a tied output matrix at Q8_0. At 4 bits it costs the demo model most of its int4 loss (perplexity ratio
+# 1.20 -> 1.30 in blocks of 32, 1.27 in blocks of 16).
+LM_HEAD_FORMAT = {"int8": (8, 64), "int4": (8, 64)}
 LM_HEAD_NODE = "logits.gemm"
 # int8 activations inside the kernel. Level 1 (fp32 compute) ran the int8 demo model at 0.9 tokens/s against
 # 21 here: ONNX Runtime 1.32 has no fast fp32 path for 8-bit weights on AVX2.
@@ -57,11 +58,10 @@ def _untie_lm_head(model: onnx.ModelProto) -> None:
                                                            name=node.name))
 
 
-def _quantize(model: onnx.ModelProto, bits: int, **select) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, bits: int, block: int, **select) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZES[bits], is_symmetric=True,
-                                          accuracy_level=ACCURACY_LEVEL, bits=bits)
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, **select)
     quantizer.process()
     return quantizer.model.model
@@ -72,14 +72,12 @@ def quantize_weights(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     if precision not in BITS:
         raise ValueError(f"weight-only quantization is {', '.join(BITS)}, not {precision!r}")
     _untie_lm_head(model)
-    bits = BITS[precision]
-    head_bits = max(bits, LM_HEAD_BITS)
-    model = _quantize(model, bits, nodes_to_exclude=[LM_HEAD_NODE] if head_bits != bits else None)
-    if head_bits != bits:
-        model = _quantize(model, head_bits, nodes_to_include=[LM_HEAD_NODE])
+    bits, head = BITS[precision], LM_HEAD_FORMAT[precision]
+    model = _quantize(model, bits, BLOCK_SIZES[bits], nodes_to_exclude=[LM_HEAD_NODE])
+    model = _quantize(model, *head, nodes_to_include=[LM_HEAD_NODE])
     count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
-    log.info("quantized %d linear layers to %s (blocks of %d; vocabulary projection %d-bit)", count, precision,
-             BLOCK_SIZES[bits], head_bits)
+    log.info("quantized %d linear layers to %s (blocks of %d; vocabulary projection %d-bit in blocks of %d)", count,
+             precision, BLOCK_SIZES[bits], *head)
     return model
 
 
@@ -105,7 +103,8 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
     manifest = {
         "quantization": {"method": f"weight-only {precision} (ONNX Runtime MatMulNBits, symmetric round-to-nearest, "
                                    f"blocks of {BLOCK_SIZES[BITS[precision]]} input rows, accuracy level {ACCURACY_LEVEL})",
-                         "quantized": f"every linear layer; the vocabulary projection at {max(BITS[precision], LM_HEAD_BITS)} bits",
+                         "quantized": "every linear layer; the vocabulary projection at {} bits in blocks of {}".format(
+                             *LM_HEAD_FORMAT[precision]),
                          "not_quantized": "embedding lookup, norms, attention, KV cache (fp32)"},
         "accuracy": {"measured": True, **report.to_dict(), "max_perplexity_ratio": max_ratio,
                      "min_top1_agreement": min_agreement},

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,8 +50,7 @@ class _Step:
     position_ids: np.ndarray
     write_indices: np.ndarray
     logits_indices: np.ndarray
-    # What a decode step's caller fills, with input_ids: each row's token position, -1 for an idle row.
-    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    positions: np.ndarray  # what a decode step's caller fills, with input_ids: each row's position, -1 if idle
     graph: CudaGraph | None = None
 
 

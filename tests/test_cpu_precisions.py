@@ -58,8 +58,8 @@ def test_every_linear_layer_becomes_matmulnbits(tiny_graphs, tiny_checkpoint):
         qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         assert n_out["l0.qkv"] == qkv and n_out["l0.gate_up"] == 2 * spec.intermediate_size
         assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
-        head_bits = next(a.i for a in nbits[LM_HEAD_NODE].attribute if a.name == "bits")
-        assert head_bits == 8  # at least 8 bits for the vocabulary projection, whatever the layers get
+        head = {a.name: a.i for a in nbits[LM_HEAD_NODE].attribute if a.name in ("bits", "block_size")}
+        assert head == {"bits": 8, "block_size": 64}  # 8 bits for the vocabulary projection, whatever the layers get
         layer_bits = {a.i for out, n in nbits.items() if out != LM_HEAD_NODE for a in n.attribute if a.name == "bits"}
         assert layer_bits == {bits}
 
