@@ -61,6 +61,8 @@ def _untie_lm_head(model: onnx.ModelProto) -> None:
 def _quantize(model: onnx.ModelProto, bits: int, block: int, **select) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    # Its INFO log is a line per graph node ("start to quantize ...", "skip to quantize ..."): noise in a build.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, **select)
     quantizer.process()

@@ -125,14 +125,16 @@ def test_demo_model_answers_through_the_daemon(tmp_path):
     cache = Path(__file__).resolve().parent.parent / ".cache" / "demo_model"  # shared with test_gguf
     sock = tmp_path / "demo.sock"
     env_cache = {**os.environ, "EDGELLM_CACHE": str(cache)}
+    # stderr to a file: the build's log, unread in a pipe, could fill it and stall the daemon.
+    log = tmp_path / "serve.log"
     proc = subprocess.Popen([*EDGELLM, "serve", "--unix", str(sock)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env_cache)
+                            stderr=log.open("w"), text=True, env=env_cache)
     try:
         line = ""
         for line in proc.stdout:
             if "ready on" in line:
                 break
-        assert "ready on" in line, proc.stderr.read()
+        assert "ready on" in line, log.read_text()
         chat = run("chat", "What is the capital of France?", "--address", str(sock), "-v", timeout=120)
         assert chat.returncode == 0, chat.stderr
         assert "Paris" in chat.stdout
