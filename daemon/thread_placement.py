@@ -31,6 +31,8 @@ class ThreadPlacement:
 
 def allowed_cpus() -> list[int]:
     """The CPUs this process may run on (a container's or systemd's CPU set, not the machine's count)."""
+    if not hasattr(os, "sched_getaffinity"):  # not Linux: every CPU
+        return list(range(os.cpu_count() or 1))
     return sorted(os.sched_getaffinity(0))
 
 
@@ -38,7 +40,7 @@ def plan_placement(threads: int, allowed: Iterable[int]) -> ThreadPlacement | No
     """Placement of `threads` ONNX Runtime threads (the engine thread included) over the allowed CPUs; None
     where pinning does not fit: one thread, or fewer threads than CPUs (the spare CPUs take the rest)."""
     cpus = sorted(allowed)
-    if threads < 2 or threads != len(cpus):
+    if threads < 2 or threads != len(cpus) or not hasattr(os, "sched_setaffinity"):
         return None
     return ThreadPlacement(cpus[0], tuple(cpus[1:]), cpus[-1])
 
