@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from build_engine.model_spec import ModelSpec
-from build_engine.onnx_graph import OPSET, GraphBuilder, check_weights, has_o_bias, rope_cache
+from build_engine.onnx_graph import GraphBuilder, check_weights, finish_graph, has_o_bias, logits_output, rope_cache
 
 CONTRIB = "com.microsoft"
 ATTENTION_OP = "GroupQueryAttention"  # recorded in the manifest: the CPU backend checks it
@@ -39,44 +39,43 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
         raise ValueError(f"max_seq must be positive, got {max_seq}")
     check_weights(spec, weights)
     g = GraphBuilder(TensorProto.FLOAT, np.float32)
-    h, d, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    d, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = float(spec.rms_norm_eps)
-
-    def weight(name: str) -> np.ndarray:
-        return weights[name]
 
     def linear(x: str, names: list[str], out: str, bias: bool = False) -> str:
         """One MatMul over the columns of several projections of x (q/k/v, gate/up): one kernel reads them all."""
         # Stored [in, out] so the MatMul needs no transpose; weight-only quantization blocks run along `in`.
-        w = np.concatenate([weight(n + ".weight").T for n in names], axis=1) if len(names) > 1 else weight(names[0] + ".weight").T
+        w = np.concatenate([weights[n + ".weight"].T for n in names], axis=1)
         y = g.op("MatMul", [x, g.weight("+".join(names) + ".weight.T", w)], out)
         if bias:
-            b = np.concatenate([weight(n + ".bias") for n in names])
+            b = np.concatenate([weights[n + ".bias"] for n in names])
             y = g.op("Add", [y, g.weight("+".join(names) + ".bias", b)], out + ".bias")
         return y
+
+    def rms_norm(x: str, name: str, out: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, g.weight(name, weights[name])], out, axis=-1, epsilon=eps,
+                    stash_type=1)
 
     def skip_norm(x: str, residual: str, name: str, out: str) -> tuple[str, str]:
         """(RMSNorm(x + residual), x + residual) in one kernel."""
         g.graph.node.append(helper.make_node(
-            "SkipSimplifiedLayerNormalization", [x, residual, g.weight(name, weight(name))],
+            "SkipSimplifiedLayerNormalization", [x, residual, g.weight(name, weights[name])],
             [out, "", "", out + ".sum"], name=out, domain=CONTRIB, epsilon=eps))
         return out, out + ".sum"
 
     cos, sin = rope_cache(spec, max_seq)
     cos_cache, sin_cache = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
     # With query_lengths given, GroupQueryAttention takes this only as an upper bound of the cached lengths.
-    total_len = g._init("kv.capacity", np.array(max_seq, np.int32), TensorProto.INT32)
+    total_len = g.int32("kv.capacity", max_seq)
     window = spec.sliding_window if spec.sliding_window and spec.sliding_window < max_seq else -1
 
-    embed = g.weight("model.embed_tokens.weight", weight("model.embed_tokens.weight"))
+    embed = g.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
     residual = g.op("Gather", [embed, "input_ids"], "embed")
     x = None  # the previous layer's MLP output, not yet added to the residual stream
     for i in range(spec.num_layers):
         p, o = f"model.layers.{i}.", f"l{i}."
         if x is None:
-            norm = p + "input_layernorm.weight"
-            a = g.op("SimplifiedLayerNormalization", [residual, g.weight(norm, weight(norm))], o + "attn_norm",
-                     axis=-1, epsilon=eps, stash_type=1)
+            a = rms_norm(residual, p + "input_layernorm.weight", o + "attn_norm")
         else:
             a, residual = skip_norm(x, residual, p + "input_layernorm.weight", o + "attn_norm")
         qkv = linear(a, [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"], o + "qkv",
@@ -87,10 +86,8 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
             g.graph.node.append(helper.make_node("Split", [qkv, g.ints("split.qkv", [nh * d, nkv * d, nkv * d])],
                                                  q_k_v, name=o + "qkv.split", axis=-1))
             for j, (n, kind) in enumerate(((nh, "q"), (nkv, "k"))):
-                norm = p + f"self_attn.{kind}_norm.weight"
                 heads = g.op("Reshape", [q_k_v[j], g.ints(f"shape.heads{n}", [0, 0, n, d])], o + kind + ".heads")
-                heads = g.op("SimplifiedLayerNormalization", [heads, g.weight(norm, weight(norm))],
-                             o + kind + "_norm", axis=-1, epsilon=eps, stash_type=1)
+                heads = rms_norm(heads, p + f"self_attn.{kind}_norm.weight", o + kind + "_norm")
                 q_k_v[j] = g.op("Reshape", [heads, g.ints(f"shape.merge{n}", [0, 0, n * d])], o + kind + "_normed")
         inputs = [*q_k_v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", total_len, cos_cache, sin_cache,
                   "", "", "", "", "", "", "", "query_lengths"]
@@ -107,39 +104,13 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], o + "gate.sigmoid")], o + "silu")
         x = linear(g.op("Mul", [silu, up], o + "gated"), [p + "mlp.down_proj"], o + "down")
 
-    # Only the rows that get logits are normalized and projected onto the vocabulary.
-    hidden = g.op("Add", [x, residual], "hidden")
-    idx = g.op("Unsqueeze", ["logits_indices", g.ints("axes.last", [-1])], "logits.idx")  # [batch, n, 1]
-    idx_shape = g.op("Shape", ["logits_indices"], "logits.idx_shape")
-    idx = g.op("Expand", [idx, g.op("Concat", [idx_shape, g.ints("shape.hidden", [h])], "logits.gather_shape", axis=0)],
-               "logits.idx_expanded")
-    hidden = g.op("GatherElements", [hidden, idx], "logits.hidden", axis=1)
-    norm = "model.norm.weight"
-    hidden = g.op("SimplifiedLayerNormalization", [hidden, g.weight(norm, weight(norm))], "final_norm",
-                  axis=-1, epsilon=eps, stash_type=1)
-    # Gemm against the [vocab, hidden] matrix (transB) so tied models store the embedding once.
-    head = embed if spec.tie_word_embeddings else g.weight("lm_head.weight", weight("lm_head.weight"))
-    hidden = g.op("Reshape", [hidden, g.ints("shape.rows", [-1, h])], "logits.rows")
-    logits = g.op("Gemm", [hidden, head], "logits.gemm", transB=1)
-    out_shape = g.op("Concat", [idx_shape, g.ints("shape.vocab", [spec.vocab_size])], "logits.shape", axis=0)
-    g.op("Reshape", [logits, out_shape], "logits")
-
-    cache_shape = ["batch", nkv, max_seq, d]
-    inputs = [
+    head = embed if spec.tie_word_embeddings else g.weight("lm_head.weight", weights["lm_head.weight"])
+    logits_output(g, spec, g.op("Add", [x, residual], "hidden"), head,
+                  lambda rows: rms_norm(rows, "model.norm.weight", "final_norm"))
+    step_inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("query_lengths", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["batch", "n_logits"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", spec.vocab_size])]
-    for i in range(spec.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, cache_shape))
-    g.graph.name = f"edgellm_{spec.architecture}_cpu"
-    g.graph.input.extend(inputs)
-    g.graph.output.extend(outputs)
-    g.model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)])
-    g.model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", OPSET)])
-    g.model.producer_name = "edgellm"
-    return g.model
+    return finish_graph(g, spec, max_seq, step_inputs, f"edgellm_{spec.architecture}_cpu", extra_opsets=(CONTRIB,))

@@ -26,12 +26,12 @@ def prefill_feeds(session, token_ids: list[int], logits_indices: list[int]) -> d
     """Inputs of one row prefilling token_ids at positions 0.. into an empty cache."""
     n = len(token_ids)
     feeds = {"input_ids": np.array([token_ids], np.int64), "logits_indices": np.array([logits_indices], np.int64)}
-    names = {inp.name for inp in session.get_inputs()}
-    if "seqlens_k" in names:  # the CPU graph (build_engine/cpu_graph.py)
+    inputs = session.get_inputs()
+    if any(inp.name == "seqlens_k" for inp in inputs):  # the CPU graph (build_engine/cpu_graph.py)
         feeds |= {"seqlens_k": np.array([n - 1], np.int32), "query_lengths": np.array([n], np.int32)}
     else:  # the TensorRT graph (build_engine/onnx_graph.py)
         feeds |= {"position_ids": np.arange(n, dtype=np.int64)[None], "write_indices": np.zeros(1, np.int64)}
-    for inp in session.get_inputs():
+    for inp in inputs:
         if inp.name.startswith("past_"):
             feeds[inp.name] = np.zeros([1, *inp.shape[1:]], _CACHE_DTYPES[inp.type])
     return feeds

@@ -16,6 +16,7 @@ Standard ONNX ops only (RMSNormalization, RotaryEmbedding, Attention, TensorScat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -143,6 +144,10 @@ class GraphBuilder:
         """An int64 initializer: a 1-D tensor for a list, a scalar for an int."""
         return self._init(name, np.array(values, dtype=np.int64), TensorProto.INT64)
 
+    def int32(self, name: str, value: int) -> str:
+        """An int32 scalar initializer."""
+        return self._init(name, np.array(value, dtype=np.int32), TensorProto.INT32)
+
     def op(self, op_type: str, inputs: list[str], out: str, **attrs) -> str:
         self.graph.node.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -162,7 +167,7 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
     check_weights(spec, weights)
     onnx_dtype, np_dtype = DTYPES[dtype]
     g = GraphBuilder(onnx_dtype, np_dtype)
-    h, d, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    d, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = float(spec.rms_norm_eps)
 
     def linear(x: str, name: str, out: str, bias: bool = False) -> str:
@@ -233,40 +238,53 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
         up = g.op("Mul", [silu, linear(m, p + "mlp.up_proj", o + "up")], o + "gate_up")
         x = g.op("Add", [x, linear(up, p + "mlp.down_proj", o + "down")], o + "out")
 
-    # Gather the requested rows before the final norm (RMSNorm is per row, so this is the same result
-    # and prefill normalizes only the rows that get logits).
-    idx = g.op("Unsqueeze", ["logits_indices", g.ints("axes.last", [-1])], "logits.idx")  # [batch, n, 1]
-    idx_shape = g.op("Shape", ["logits_indices"], "logits.idx_shape")
-    idx = g.op("Expand", [idx, g.op("Concat", [idx_shape, g.ints("shape.hidden", [h])], "logits.gather_shape", axis=0)],
-               "logits.idx_expanded")
-    x = g.op("GatherElements", [x, idx], "logits.hidden", axis=1)
-    x = rms_norm(x, "model.norm.weight", "final_norm")
-    # Gemm against the [vocab, hidden] matrix (transB) so tied models store the embedding once.
     head = embed if spec.tie_word_embeddings else g.weight("lm_head.weight", weights["lm_head.weight"])
-    x = g.op("Reshape", [x, g.ints("shape.rows", [-1, h])], "logits.rows")
-    x = g.op("Gemm", [x, head], "logits.gemm", transB=1)
-    if onnx_dtype != TensorProto.FLOAT:
-        x = g.op("Cast", [x], "logits.float", to=TensorProto.FLOAT)
-    out_shape = g.op("Concat", [idx_shape, g.ints("shape.vocab", [spec.vocab_size])], "logits.shape", axis=0)
-    g.op("Reshape", [x, out_shape], "logits")
-
-    cache_shape = ["batch", nkv, max_seq, d]
-    inputs = [
+    logits_output(g, spec, x, head, lambda rows: rms_norm(rows, "model.norm.weight", "final_norm"))
+    step_inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "tokens"]),
         helper.make_tensor_value_info("write_indices", TensorProto.INT64, ["batch"]),
         helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["batch", "n_logits"]),
     ]
+    return finish_graph(g, spec, max_seq, step_inputs, f"edgellm_{spec.architecture}")
+
+
+def logits_output(g: GraphBuilder, spec: ModelSpec, hidden: str, head: str, final_norm: Callable[[str], str]) -> None:
+    """The `logits` output, float32 [batch, n_logits, vocab]: the rows of `hidden` at logits_indices, normalized
+    by final_norm, times the [vocab, hidden] matrix `head`."""
+    # Gather the requested rows before the final norm (RMSNorm is per row, so this is the same result
+    # and prefill normalizes only the rows that get logits).
+    h = spec.hidden_size
+    idx = g.op("Unsqueeze", ["logits_indices", g.ints("axes.last", [-1])], "logits.idx")  # [batch, n, 1]
+    idx_shape = g.op("Shape", ["logits_indices"], "logits.idx_shape")
+    idx = g.op("Expand", [idx, g.op("Concat", [idx_shape, g.ints("shape.hidden", [h])], "logits.gather_shape", axis=0)],
+               "logits.idx_expanded")
+    x = final_norm(g.op("GatherElements", [hidden, idx], "logits.hidden", axis=1))
+    # Gemm against the [vocab, hidden] matrix (transB) so tied models store the embedding once.
+    x = g.op("Reshape", [x, g.ints("shape.rows", [-1, h])], "logits.rows")
+    x = g.op("Gemm", [x, head], "logits.gemm", transB=1)
+    if g.onnx_dtype != TensorProto.FLOAT:
+        x = g.op("Cast", [x], "logits.float", to=TensorProto.FLOAT)
+    out_shape = g.op("Concat", [idx_shape, g.ints("shape.vocab", [spec.vocab_size])], "logits.shape", axis=0)
+    g.op("Reshape", [x, out_shape], "logits")
+
+
+def finish_graph(g: GraphBuilder, spec: ModelSpec, max_seq: int, step_inputs: list[onnx.ValueInfoProto], name: str,
+                 extra_opsets: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Declare the step inputs, the KV cache inputs and outputs and `logits`; set the opsets. Returns the model."""
+    cache_shape = ["batch", spec.num_kv_heads, max_seq, spec.head_dim]
+    inputs = list(step_inputs)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", spec.vocab_size])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", onnx_dtype, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", onnx_dtype, cache_shape))
-    g.graph.name = f"edgellm_{spec.architecture}"
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", g.onnx_dtype, cache_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", g.onnx_dtype, cache_shape))
+    g.graph.name = name
     g.graph.input.extend(inputs)
     g.graph.output.extend(outputs)
-    g.model.opset_import.append(helper.make_opsetid("", OPSET))
-    g.model.ir_version = helper.find_min_ir_version_for(list(g.model.opset_import))
+    standard = helper.make_opsetid("", OPSET)
+    g.model.opset_import.extend([standard, *(helper.make_opsetid(domain, 1) for domain in extra_opsets)])
+    g.model.ir_version = helper.find_min_ir_version_for([standard])
     g.model.producer_name = "edgellm"
     return g.model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from daemon.bundle import load_bundle
 from edgellm import cli
 
 REPO = Path(__file__).resolve().parents[1]
+NO_TENSORRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 MAX_SEQ = 129
 
 
@@ -154,26 +156,18 @@ def test_cli_build_refuses_unknown_combinations(tiny_checkpoint, tmp_path, capsy
     assert "missing.txt" in capsys.readouterr().err
 
 
+@NO_TENSORRT
 def test_cli_compile_and_validate_say_tensorrt_is_missing(tmp_path, capsys):
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     for cmd in ("compile", "validate"):
         assert cli.main([cmd, str(tmp_path)]) == 1
         assert "TensorRT is not installed" in capsys.readouterr().err
 
 
+@NO_TENSORRT
 def test_serving_a_tensorrt_bundle_without_tensorrt_is_refused(tiny_checkpoint, tmp_path):
     from daemon.backends import BackendError, create_backend
     from daemon.config import parse_config
 
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     path = build_bundle(tiny_checkpoint, tmp_path / "b", target="tensorrt", precision="bf16", context_length=32)
     with pytest.raises(BackendError, match="TensorRT bundle.*edgellm\\[tensorrt\\]"):
         create_backend(load_bundle(path), parse_config({}))
