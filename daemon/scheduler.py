@@ -206,7 +206,9 @@ class Engine:
         seq.sampler = Sampler(seq.sampling, seq.prompt_ids)
         seq.text = TextStream(self.tokenizer, seq.stop)
         with self._cond:
-            if len(self._waiting) >= self.max_queued:
+            # Requests that free slots will take at the next step are not queued behind anything: a burst
+            # that arrives within one (slow) step must not be refused while slots stand empty.
+            if len(self._waiting) - len(self.free_slots) >= self.max_queued:
                 raise QueueFullError(f"the queue is full ({self.max_queued} requests waiting)", self.retry_after_s())
             self._waiting.append(seq)
             self._cond.notify()

@@ -232,11 +232,16 @@ def test_higher_class_is_admitted_first():
 
 def test_queue_bound_raises_with_a_retry_hint():
     eng, clock = make_engine(slots=1, max_queued=2)
-    for i in range(2):
+    # A burst before the engine steps: the first takes the free slot, the next two queue, the fourth is refused.
+    for i in range(3):
         eng.submit(seq([i + 1], 3, clock)[0])
     with pytest.raises(QueueFullError) as err:
         eng.submit(seq([9], 3, clock)[0])
     assert err.value.retry_after_s > 0
+    eng.step()
+    assert (eng.slots_in_use, eng.queue_length) == (1, 2)
+    with pytest.raises(QueueFullError):
+        eng.submit(seq([9], 3, clock)[0])
 
 
 def test_conversation_turn_prefills_only_new_tokens():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 
 import grpc
 import pytest
@@ -46,6 +47,20 @@ class SessionClient:
 
     def next(self) -> pb.SessionResponse:
         return next(self.responses)
+
+
+@pytest.fixture
+def slow_steps(daemon, monkeypatch):
+    """Make each decode step take at least 10 ms, so a test's outcome does not hang on how fast this
+    machine runs the tiny model against how fast the test's client thread runs."""
+    backend = daemon.daemon.backend
+    fast_decode = backend.decode
+
+    def slow_decode(binding):
+        time.sleep(0.01)
+        return fast_decode(binding)
+
+    monkeypatch.setattr(backend, "decode", slow_decode)
 
 
 def test_get_model_describes_the_bundle(daemon):
@@ -102,7 +117,7 @@ def test_logprobs_are_returned_when_asked(daemon):
         assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in c.logprobs)
 
 
-def test_session_concurrent_requests_with_one_cancelled(daemon):
+def test_session_concurrent_requests_with_one_cancelled(daemon, slow_steps):
     stub = daemon.stub()
     alone = {}
     for rid, prompt in (("a", "first prompt"), ("c", "third one here")):
@@ -206,7 +221,7 @@ def test_deadline_passed_in_queue_is_shed(daemon):
     assert finished.usage.completion_tokens == 0
 
 
-def test_client_going_away_frees_its_slot(daemon):
+def test_client_going_away_frees_its_slot(daemon, slow_steps):
     stub = daemon.stub()
     call = stub.Generate(pb.GenerateRequest(text="go on", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True), timeout=60)
     first = next(call)
@@ -237,14 +252,22 @@ def test_health_and_reflection(daemon):
     assert {"edgellm.v1.Inference", "grpc.health.v1.Health"} <= names
 
 
-def test_queue_bound_answers_resource_exhausted(daemon):
+def fill_slots_and_queue(daemon, s: SessionClient, n: int) -> None:
+    """Start n long requests on one session and wait until the engine holds them all."""
+    for i in range(n):
+        s.start(f"r{i}", text="fill", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
+    ok = wait_until(lambda: daemon.engine.slots_in_use + daemon.engine.queue_length == n)
+    if not ok:
+        s.close()
+        assert ok, (daemon.engine.slots_in_use, daemon.engine.queue_length, list(s.responses)[:3])
+
+
+def test_queue_bound_answers_resource_exhausted(daemon, slow_steps):
     """Fill the 4 slots and the 8-deep queue, then one more is refused with RESOURCE_EXHAUSTED."""
     stub = daemon.stub()
     s = SessionClient(stub)
     n = 4 + 8
-    for i in range(n):
-        s.start(f"r{i}", text="fill", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
-    assert wait_until(lambda: daemon.engine.slots_in_use + daemon.engine.queue_length == n)
+    fill_slots_and_queue(daemon, s, n)
     s.start("one-too-many", text="fill", max_new_tokens=4)
     while (msg := s.next()).WhichOneof("kind") != "error":
         pass
@@ -258,12 +281,10 @@ def test_queue_bound_answers_resource_exhausted(daemon):
     assert wait_until(lambda: daemon.engine.slots_in_use == 0 and daemon.engine.queue_length == 0)
 
 
-def test_queue_full_error_carries_a_retry_hint(daemon):
+def test_queue_full_error_carries_a_retry_hint(daemon, slow_steps):
     stub = daemon.stub()
     s = SessionClient(stub)
-    for i in range(4 + 8):
-        s.start(f"r{i}", text="fill", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
-    assert wait_until(lambda: daemon.engine.slots_in_use + daemon.engine.queue_length == 12)
+    fill_slots_and_queue(daemon, s, 4 + 8)
     with pytest.raises(grpc.RpcError) as err:
         generate(stub, text="no room", max_new_tokens=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -291,7 +312,7 @@ def test_seeded_sampling_is_unchanged_by_batching(daemon):
     assert [together[str(i)] for i in range(3)] == alone
 
 
-def test_interactive_request_overtakes_background_work(daemon):
+def test_interactive_request_overtakes_background_work(daemon, slow_steps):
     stub = daemon.stub()
     s = SessionClient(stub)
     for i in range(4):  # every slot busy with long background requests
@@ -310,7 +331,7 @@ def test_interactive_request_overtakes_background_work(daemon):
     assert sorted(order[1:]) == ["bg0", "bg1", "bg2", "bg3"]  # and none of those was dropped
 
 
-def test_deadline_while_generating_keeps_streamed_text(daemon):
+def test_deadline_while_generating_keeps_streamed_text(daemon, slow_steps):
     stub = daemon.stub()
     s = SessionClient(stub)
     s.start("d", text="take your time", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True,
