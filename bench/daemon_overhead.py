@@ -48,11 +48,14 @@ def random_prompt(bundle, n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def serving(path: Path, slots: int = 1) -> Iterator[str]:
-    """`edgellm serve` on a temporary Unix socket; yields its address once ready and warmed up."""
+def serving(path: Path, slots: int = 1, threads: int = 0) -> Iterator[str]:
+    """`edgellm serve` on a temporary Unix socket (ONNX Runtime on `threads` threads, 0: one per allowed
+    CPU); yields its address once ready and warmed up."""
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "bench.sock")
-        cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--unix", sock,
+        config = os.path.join(tmp, "config.yaml")
+        Path(config).write_text(f"engine:\n  threads: {threads}\n")
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--config", config, "--unix", sock,
                "--slots", str(slots), "--log-level", "warning"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         try:
@@ -112,14 +115,14 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads, both sides (0: one per allowed CPU)")
     args = ap.parse_args()
     path = bundle_path(args.bundle)
     bundle = load_bundle(path, verify=False)
     prompt = random_prompt(bundle, args.prompt_tokens)
 
     results = {"direct": [], "daemon": []}
-    with serving(path) as address:
+    with serving(path, threads=args.threads) as address:
         # Alternate so that both see the same machine state; the daemon idles while direct runs.
         for _ in range(args.repeats):
             results["daemon"].append(through_daemon(address, prompt, args.new_tokens))
