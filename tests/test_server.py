@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import grpc
@@ -49,18 +50,54 @@ class SessionClient:
         return next(self.responses)
 
 
+class StepGate:
+    """Once held, keeps the engine thread before each step until the test allows it: what the engine has
+    done when the test acts is then the test's choice, not a race between the engine and the client."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._held = False
+
+    def hold(self) -> None:
+        with self._cond:
+            self._held, self._permits = True, 0
+
+    def allow(self, steps: int) -> None:
+        with self._cond:
+            self._permits += steps
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def pass_through(self) -> None:
+        with self._cond:
+            # A test that never opens the gate fails on its own assertions, not by hanging the engine.
+            self._cond.wait_for(lambda: not self._held or self._permits > 0, timeout=30)
+            if self._held:
+                self._permits = max(0, self._permits - 1)
+
+
 @pytest.fixture
-def slow_steps(daemon, monkeypatch):
-    """Make each decode step take at least 10 ms, so a test's outcome does not hang on how fast this
-    machine runs the tiny model against how fast the test's client thread runs."""
-    backend = daemon.daemon.backend
-    fast_decode = backend.decode
+def gate(daemon, monkeypatch):
+    """A StepGate in front of the daemon's engine steps (open until the test holds it; opened at the end)."""
+    gate = StepGate()
+    run_step = daemon.engine.step
 
-    def slow_decode(binding):
-        time.sleep(0.01)
-        return fast_decode(binding)
+    def gated_step() -> None:
+        gate.pass_through()
+        run_step()
 
-    monkeypatch.setattr(backend, "decode", slow_decode)
+    monkeypatch.setattr(daemon.engine, "step", gated_step)
+    yield gate
+    gate.open()
+
+
+def cancel_reached_engine(daemon) -> bool:
+    return any(seq.cancel_requested for seq in daemon.engine.running)
 
 
 def test_get_model_describes_the_bundle(daemon):
@@ -117,15 +154,19 @@ def test_logprobs_are_returned_when_asked(daemon):
         assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in c.logprobs)
 
 
-def test_session_concurrent_requests_with_one_cancelled(daemon, slow_steps):
+def test_session_concurrent_requests_with_one_cancelled(daemon, gate):
     stub = daemon.stub()
     alone = {}
     for rid, prompt in (("a", "first prompt"), ("c", "third one here")):
         alone[rid], _, _ = generate(stub, text=prompt, max_new_tokens=24, ignore_eos=True)
+    gate.hold()
     s = SessionClient(stub)
     s.start("a", text="first prompt", max_new_tokens=24, ignore_eos=True)
     s.start("b", text="second", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
     s.start("c", text="third one here", max_new_tokens=24, ignore_eos=True)
+    assert wait_until(lambda: daemon.engine.queue_length == 3)
+    # Step 1 admits all three and prefills a, 2 prefills b, 3 prefills c, 4 decodes all: b has 3 tokens.
+    gate.allow(4)
     tokens = {"a": [], "b": [], "c": []}
     finished = {}
     cancelled_sent = False
@@ -138,6 +179,8 @@ def test_session_concurrent_requests_with_one_cancelled(daemon, slow_steps):
             if msg.id == "b" and len(tokens["b"]) >= 3 and not cancelled_sent:
                 s.cancel("b")
                 cancelled_sent = True
+                assert wait_until(lambda: cancel_reached_engine(daemon))
+                gate.open()
         else:
             finished[msg.id] = msg.finished
     s.close()
@@ -221,13 +264,17 @@ def test_deadline_passed_in_queue_is_shed(daemon):
     assert finished.usage.completion_tokens == 0
 
 
-def test_client_going_away_frees_its_slot(daemon, slow_steps):
+def test_client_going_away_frees_its_slot(daemon, gate):
     stub = daemon.stub()
+    gate.hold()
+    gate.allow(1)  # admit and prefill: the first token, then the engine waits with the request in its slot
     call = stub.Generate(pb.GenerateRequest(text="go on", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True), timeout=60)
     first = next(call)
     assert first.HasField("tokens")
     assert daemon.engine.slots_in_use >= 1
     call.cancel()
+    assert wait_until(lambda: cancel_reached_engine(daemon))
+    gate.open()
     assert wait_until(lambda: daemon.engine.slots_in_use == 0 and not daemon.engine.running)
 
 
@@ -252,22 +299,23 @@ def test_health_and_reflection(daemon):
     assert {"edgellm.v1.Inference", "grpc.health.v1.Health"} <= names
 
 
-def fill_slots_and_queue(daemon, s: SessionClient, n: int) -> None:
-    """Start n long requests on one session and wait until the engine holds them all."""
+def fill_slots_and_queue(daemon, gate: StepGate, s: SessionClient, n: int) -> None:
+    """Start n long requests on one session; one engine step admits as many as there are slots, and the
+    engine then waits at the gate with the slots full and the rest queued."""
+    gate.hold()
     for i in range(n):
         s.start(f"r{i}", text="fill", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
-    ok = wait_until(lambda: daemon.engine.slots_in_use + daemon.engine.queue_length == n)
-    if not ok:
-        s.close()
-        assert ok, (daemon.engine.slots_in_use, daemon.engine.queue_length, list(s.responses)[:3])
+    assert wait_until(lambda: daemon.engine.queue_length == n)
+    gate.allow(1)
+    assert wait_until(lambda: daemon.engine.slots_in_use == 4 and daemon.engine.queue_length == n - 4)
 
 
-def test_queue_bound_answers_resource_exhausted(daemon, slow_steps):
+def test_queue_bound_answers_resource_exhausted(daemon, gate):
     """Fill the 4 slots and the 8-deep queue, then one more is refused with RESOURCE_EXHAUSTED."""
     stub = daemon.stub()
     s = SessionClient(stub)
     n = 4 + 8
-    fill_slots_and_queue(daemon, s, n)
+    fill_slots_and_queue(daemon, gate, s, n)
     s.start("one-too-many", text="fill", max_new_tokens=4)
     while (msg := s.next()).WhichOneof("kind") != "error":
         pass
@@ -275,16 +323,17 @@ def test_queue_bound_answers_resource_exhausted(daemon, slow_steps):
     assert msg.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     for i in range(n):
         s.cancel(f"r{i}")
+    gate.open()
     s.close()
     reasons = [m.finished.reason for m in s.responses if m.WhichOneof("kind") == "finished"]
     assert len(reasons) == n and set(reasons) <= {FR.FINISH_REASON_CANCELLED, FR.FINISH_REASON_LENGTH}
     assert wait_until(lambda: daemon.engine.slots_in_use == 0 and daemon.engine.queue_length == 0)
 
 
-def test_queue_full_error_carries_a_retry_hint(daemon, slow_steps):
+def test_queue_full_error_carries_a_retry_hint(daemon, gate):
     stub = daemon.stub()
     s = SessionClient(stub)
-    fill_slots_and_queue(daemon, s, 4 + 8)
+    fill_slots_and_queue(daemon, gate, s, 4 + 8)
     with pytest.raises(grpc.RpcError) as err:
         generate(stub, text="no room", max_new_tokens=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -292,6 +341,7 @@ def test_queue_full_error_carries_a_retry_hint(daemon, slow_steps):
     assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) >= 100
     for i in range(12):
         s.cancel(f"r{i}")
+    gate.open()
     s.close()
     assert len([m for m in s.responses if m.WhichOneof("kind") == "finished"]) == 12
 
@@ -312,12 +362,15 @@ def test_seeded_sampling_is_unchanged_by_batching(daemon):
     assert [together[str(i)] for i in range(3)] == alone
 
 
-def test_interactive_request_overtakes_background_work(daemon, slow_steps):
+def test_interactive_request_overtakes_background_work(daemon, gate):
     stub = daemon.stub()
     s = SessionClient(stub)
+    gate.hold()
     for i in range(4):  # every slot busy with long background requests
         s.start(f"bg{i}", text="background job", max_new_tokens=TINY_CONTEXT - 16, ignore_eos=True,
                 priority=pb.PRIORITY_BACKGROUND)
+    assert wait_until(lambda: daemon.engine.queue_length == 4)
+    gate.allow(4)  # admit all four, prefill each: all of them are generating
     started = set()
     while len(started) < 4:
         msg = s.next()
@@ -325,19 +378,27 @@ def test_interactive_request_overtakes_background_work(daemon, slow_steps):
         if msg.WhichOneof("kind") == "tokens":
             started.add(msg.id)
     s.start("now", text="urgent", max_new_tokens=4, ignore_eos=True, priority=pb.PRIORITY_INTERACTIVE)
+    assert wait_until(lambda: daemon.engine.queue_length == 1)
+    gate.open()
     s.close()
     order = [m.id for m in s.responses if m.WhichOneof("kind") == "finished"]
     assert order[0] == "now"  # it finished before any background request
     assert sorted(order[1:]) == ["bg0", "bg1", "bg2", "bg3"]  # and none of those was dropped
 
 
-def test_deadline_while_generating_keeps_streamed_text(daemon, slow_steps):
+def test_deadline_while_generating_keeps_streamed_text(daemon, gate):
     stub = daemon.stub()
     s = SessionClient(stub)
+    gate.hold()
+    gate.allow(1)  # the first token; then the engine waits until the deadline has passed
     s.start("d", text="take your time", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True,
             deadline=Duration(nanos=20_000_000))
+    first = s.next()
+    first_at = time.monotonic()  # after the request reached the server, so past its deadline 20 ms on
+    assert wait_until(lambda: time.monotonic() > first_at + 0.02)
+    gate.open()
     s.close()
-    msgs = list(s.responses)
+    msgs = [first, *s.responses]
     tokens = sum(len(m.tokens.token_ids) for m in msgs if m.WhichOneof("kind") == "tokens")
     (fin,) = [m.finished for m in msgs if m.WhichOneof("kind") == "finished"]
     assert fin.reason == FR.FINISH_REASON_DEADLINE
