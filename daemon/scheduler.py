@@ -410,8 +410,9 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         rows = decode_rows(max(s.slot for s in seqs), self.backend.slots)
         b = self.backend.decode_binding(rows)
-        b.input_ids.fill(0)
-        b.positions.fill(-1)  # idle rows: the backend writes nothing for them and their logits go unread
+        # Idle rows: the backend writes nothing for them and their logits go unread; their input id is whatever
+        # valid token the row last held, so it needs no reset.
+        b.positions.fill(-1)
         for s in seqs:
             b.input_ids[s.slot, 0] = s.output_ids[-1]
             b.positions[s.slot] = s.cached
