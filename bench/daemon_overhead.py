@@ -28,7 +28,7 @@ import numpy as np
 from daemon.backend_onnx import create_cpu_backend
 from daemon.bundle import load_bundle
 from daemon.huge_pages import reexec_with_huge_pages
-from daemon.thread_placement import allowed_cpus, pin_current_thread, plan_placement
+from daemon.thread_placement import default_placement, pin_current_thread
 from edgellm.client import connect
 from edgellm.v1 import edgellm_pb2 as pb
 
@@ -72,7 +72,7 @@ def serving(path: Path, slots: int = 1, threads: int = 0) -> Iterator[str]:
 def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
     """(time to first token s, decode tokens/s) with the backend driven by a bare greedy loop, its threads
     placed as the daemon places them (daemon/thread_placement.py)."""
-    placement = plan_placement(threads or len(allowed_cpus()), allowed_cpus())
+    placement = default_placement(threads)
     backend = create_cpu_backend(bundle, slots=1, threads=threads, placement=placement)
     before = os.sched_getaffinity(0)
     if placement:

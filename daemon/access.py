@@ -65,8 +65,10 @@ class Connections:
     def remove(self, relay_path: str) -> None:
         self.peers.pop("unix:" + relay_path, None)
 
-    def of(self, context: grpc.aio.ServicerContext) -> Peer | None:
-        return self.peers.get(context.peer())
+    def of(self, context: grpc.aio.ServicerContext) -> Peer:
+        """The call's connection; one the front door did not register is a fresh Peer("unknown"), fresh so that
+        unrelated callers never share its per-connection request count."""
+        return self.peers.get(context.peer()) or Peer("unknown")
 
 
 def read_token(path: str) -> str:
@@ -122,8 +124,8 @@ class AccessGuard(grpc.aio.ServerInterceptor):
         self.token = token
         self.on_refused = on_refused
 
-    def refusal(self, peer: Peer | None, metadata: dict[str, str]) -> Refusal | None:
-        if peer is None:  # the relay always registers first: this is not a front-door connection
+    def refusal(self, peer: Peer, metadata: dict[str, str]) -> Refusal | None:
+        if peer.transport == "unknown":  # the relay always registers first: this is not a front-door connection
             return grpc.StatusCode.PERMISSION_DENIED, "unknown connection"
         if peer.transport == "unix":
             if self.allow_uids is None and self.allow_gids is None:

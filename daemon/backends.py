@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from daemon.bundle import Bundle, BundleError
 from daemon.config import Config
 from daemon.thread_placement import ThreadPlacement
@@ -20,9 +22,9 @@ def create_backend(bundle: Bundle, config: Config, placement: ThreadPlacement | 
 
         return create_cpu_backend(bundle, slots, config.engine.threads, placement)
     if target == "tensorrt":
-        try:
-            import pycuda.driver  # noqa: F401
-            import tensorrt  # noqa: F401
+        try:  # only whether they are installed, for a clear message; backend_trt imports them for use
+            for module in ("pycuda.driver", "tensorrt"):
+                importlib.import_module(module)
         except ImportError as e:
             raise BackendError(f"{bundle.path} is a TensorRT bundle, and {e.name} is not installed here: run it on an "
                                f"NVIDIA GPU with pip install 'edgellm[tensorrt]'") from None

@@ -7,7 +7,6 @@ daemon loads it here, refusing any bundle whose files do not match the checksums
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +105,3 @@ def verify_bundle(bundle: Bundle) -> None:
         if file_sha256(f) != digest:
             raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
 
-
-def verify_in_background(bundle: Bundle) -> Future[None]:
-    """Run verify_bundle on its own thread, so that it overlaps loading the model (hashlib releases the GIL).
-
-    The daemon waits for the result before it serves: a changed byte is still refused before READY, but start-up
-    costs max(hash, load) instead of their sum."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="edgellm-verify")
-    future = pool.submit(verify_bundle, bundle)
-    pool.shutdown(wait=False)
-    return future

@@ -17,6 +17,14 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+def split_host_port(address: str, field_name: str) -> tuple[str, int]:
+    """"host:port" ("[::1]:50051" for IPv6; port 0 picks a free one) -> (host, port), brackets removed."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"'{field_name}' must be host:port (e.g. \"127.0.0.1:50051\"), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def default_unix_socket() -> str:
     """$XDG_RUNTIME_DIR/edgellm.sock, else a per-user folder under /tmp: shared by `serve` and `chat`."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -150,6 +158,11 @@ def parse_config(data: Any) -> Config:
         raise ConfigError("'access.tls_cert' and 'access.tls_key' go together: set both or neither")
     if cfg.access.tls_client_ca and not cfg.access.tls_cert:
         raise ConfigError("'access.tls_client_ca' (mutual TLS) needs 'access.tls_cert' and 'access.tls_key'")
+    # A malformed address fails here, before a long model load, rather than when the listener binds.
+    if cfg.listen.tcp:
+        split_host_port(cfg.listen.tcp, "listen.tcp")
+    if cfg.service.metrics:
+        split_host_port(cfg.service.metrics, "service.metrics")
     return cfg
 
 

@@ -23,11 +23,13 @@ import struct
 import threading
 
 from daemon.access import Connections, Peer
+from daemon.config import split_host_port
 
 log = logging.getLogger("edgellm.front")
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 RELAY_CHUNK = 64 * 1024
+RELAY_GRACE_S = 5.0  # at stop: how long relays may take to deliver what the stopped gRPC server wrote last
 
 
 def unix_listener(path: str, mode: str, group: str | None) -> socket.socket:
@@ -47,11 +49,8 @@ def unix_listener(path: str, mode: str, group: str | None) -> socket.socket:
 
 def tcp_listener(address: str) -> socket.socket:
     """Bind and listen on "host:port" ("[::1]:50051" for IPv6; port 0 picks a free one)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"listen.tcp must be host:port, got {address!r}")
-    host = host.strip("[]")
-    family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    host, port = split_host_port(address, "listen.tcp")  # again here: `serve --tcp` skips parse_config
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(addr)
@@ -115,19 +114,19 @@ class FrontDoor:
                                                     ssl_handshake_timeout=10 if self.tls else None)
             self._servers.append(server)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self) -> None:
         """Stop accepting, let the relays forward what the (stopped) gRPC server wrote last, end the thread."""
         async def close() -> None:
             for server in self._servers:
                 server.close()
             # Each relay ends once the gRPC server has closed its side and the bytes before that are delivered.
-            _, late = await asyncio.wait(self._relays, timeout=grace) if self._relays else ((), ())
+            _, late = await asyncio.wait(self._relays, timeout=RELAY_GRACE_S) if self._relays else ((), ())
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(grace + 10)
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(RELAY_GRACE_S + 10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         self._loop.close()

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import tempfile
 from pathlib import Path
@@ -20,15 +21,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from daemon.access import AccessGuard, Connections, read_token, server_tls_context
-from daemon.bundle import Bundle, verify_in_background
-from daemon.config import Config
+from daemon.bundle import Bundle, verify_bundle
+from daemon.config import Config, split_host_port
 from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
 from daemon.metrics import EngineMetrics, serve_metrics
 from daemon.request_log import reopen_log_files
 from daemon.scheduler import Engine, decode_shapes
 from daemon.server import InferenceService
 from daemon.systemd import Notifier, listen_sockets
-from daemon.thread_placement import ThreadPlacement, allowed_cpus, pin_current_thread, plan_placement
+from daemon.thread_placement import ThreadPlacement, default_placement, pin_current_thread
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
 from edgellm.v1 import edgellm_pb2 as pb
@@ -37,13 +38,13 @@ from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 log = logging.getLogger("edgellm.daemon")
 
 
-def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int) -> pb.ModelInfo:
+def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int, cuda_graphs: str = "") -> pb.ModelInfo:
     m = bundle.model
     return pb.ModelInfo(
         architecture=m["architecture"], hf_architecture=m["hf_architecture"],
         source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
         backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
-        vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes,
+        vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes, cuda_graphs=cuda_graphs,
         edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
 
 
@@ -67,8 +68,14 @@ class Daemon:
 
     def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend,
                  notifier: Notifier | None = None, inherited: list[socket.socket] | None = None,
-                 placement: ThreadPlacement | None = None) -> None:
+                 placement: ThreadPlacement | None = None, token: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`token` and `tls` as run_daemon read them before the model load; left out, they are read from config."""
+        if token is None and config.access.token_file:
+            token = read_token(config.access.token_file)
         self.config = config
+        self.token = token
+        self.tls = tls if tls is not None else server_tls_context(config.access)
         self.placement = placement
         self.bundle = bundle
         self.tokenizer = tokenizer
@@ -99,15 +106,13 @@ class Daemon:
                              cpu=self.placement.engine_cpu if self.placement else None)
         if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
             pin_current_thread(self.placement.service_cpu)
-        token = read_token(cfg.access.token_file) if cfg.access.token_file else None
-        tls = server_tls_context(cfg.access)
         connections = Connections()
         self.engine.start()
-        info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes)
-        info.cuda_graphs = getattr(self.backend, "cuda_graphs", "")
+        info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
+                          getattr(self.backend, "cuda_graphs", ""))
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
                                         connections)
-        guard = AccessGuard(cfg.access, connections, token,
+        guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         limit = cfg.limits.max_message_bytes
         self.server = grpc.aio.server(interceptors=[guard], options=[("grpc.max_receive_message_length", limit),
@@ -120,7 +125,7 @@ class Daemon:
         self._relay_dir = tempfile.mkdtemp(prefix="edgellm-")  # 0700: only this user reaches the gRPC socket
         grpc_path = os.path.join(self._relay_dir, "grpc.sock")
         self.server.add_insecure_port(f"unix:{grpc_path}")
-        self.front = FrontDoor(grpc_path, self._relay_dir, connections, tls)
+        self.front = FrontDoor(grpc_path, self._relay_dir, connections, self.tls)
         for sock in self._listeners():
             self.front.add(sock)
         self.addresses = [address_of(sock) for sock in self.front.listeners]
@@ -128,7 +133,8 @@ class Daemon:
         self.front.start()
         if cfg.service.metrics:
             self.metrics_server = serve_metrics(self.metrics.registry, cfg.service.metrics)
-            self.metrics_address = f"{cfg.service.metrics.rpartition(':')[0]}:{self.metrics_server.server_port}"
+            host, _ = split_host_port(cfg.service.metrics, "service.metrics")
+            self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.server_port}"
         self._set_serving(True)
         log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
                  f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
@@ -216,10 +222,9 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
 
     notifier = Notifier()
     inherited = listen_sockets()
-    # Daemon.start reads the certificates and the token again; a bad path fails here, before a long model load.
-    if config.access.token_file:
-        read_token(config.access.token_file)
-    server_tls_context(config.access)
+    # Read here, not in Daemon.start: a bad path fails before a long model load.
+    token = read_token(config.access.token_file) if config.access.token_file else None
+    tls = server_tls_context(config.access)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,23 +232,31 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
     notifier.status(f"loading {bundle.path}")
     # Checksums are verified while the model loads and awaited before serving: a changed byte is still refused.
-    verified = verify_in_background(bundle)
+    verified = loop.run_in_executor(None, verify_bundle, bundle)
     # The tokenizer loads (in Rust, without the GIL) while ONNX Runtime loads the model.
     tokenizer_loading = loop.run_in_executor(
         None, lambda: Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ()))
-    placement = None
-    if config.engine.pin_threads and bundle.manifest.get("target", "cpu") == "cpu":
-        placement = plan_placement(config.engine.threads or len(allowed_cpus()), allowed_cpus())
+    pin = config.engine.pin_threads and bundle.manifest.get("target", "cpu") == "cpu"
+    placement = default_placement(config.engine.threads) if pin else None
     try:
         backend = create_backend(bundle, config, placement)
     except Exception:
-        verified.result()  # a changed file explains a failed load best: BundleError names it
+        await verified  # a changed file explains a failed load best: BundleError names it
         raise
     tokenizer = await tokenizer_loading
-    notifier.status("warming up")
-    await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
-    await asyncio.wrap_future(verified)
-    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement)
+    # The load ran on this loop's thread, so a SIGTERM/SIGINT that came meanwhile is seen only now: one pass of
+    # the loop runs its queued stop.set (awaiting a finished future does not), then it skips the warm-up and
+    # serving, and READY is never reported.
+    await asyncio.sleep(0)
+    if not stop.is_set():
+        notifier.status("warming up")
+        await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
+    await verified
+    if stop.is_set():
+        log.info("stop requested while loading: exiting without serving")
+        notifier.close()
+        return
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls)
     try:
         await daemon.start()
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "

@@ -11,6 +11,8 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from daemon.config import split_host_port
+
 # Seconds: from a millisecond (a decode step of a small model) to minutes (a long queue).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 TOKENS_PER_STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -73,8 +75,6 @@ def serve_metrics(registry: CollectorRegistry, address: str):
     Returns the HTTP server (`.server_port` is the bound port; `.shutdown()` stops it)."""
     from prometheus_client import start_http_server
 
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"service.metrics must be host:port, got {address!r}")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    host, port = split_host_port(address, "service.metrics")
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, P
 from daemon.tokenizer import Tokenizer
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
-
-log = logging.getLogger("edgellm.server")
 
 MAX_REQUEST_ID_BYTES = 128
 _PRIORITIES = {pb.PRIORITY_UNSPECIFIED: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
@@ -57,6 +54,11 @@ class ConversationState:
     messages: list[tuple[str, str]] | None = None  # chat: every message so far, replies included
     history_ids: list[int] | None = None  # raw: every token so far, prompt and output
     running: str | None = None  # the request id of the turn in progress
+
+
+def _shutting_down() -> RequestRejected:
+    return RequestRejected(grpc.StatusCode.UNAVAILABLE,
+                           "the server is shutting down and takes no new requests; retry on another instance")
 
 
 def _duration(seconds: float) -> Duration:
@@ -155,6 +157,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _prepare(self, req: pb.GenerateRequest, call_time_left: float | None,
                        conv: ConversationState | None = None) -> Sequence:
         """Validate a request and build its Sequence; raises RequestRejected with the reason."""
+        if self.draining:  # early, to spare the tokenizer pool; _submit checks again, after the await below
+            raise _shutting_down()
         arrival = time.monotonic()
         try:
             sampling = sampling_from_proto(req.sampling)
@@ -193,16 +197,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
                         priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None)
 
-    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None = None, peer: Peer | None = None,
-                rid: str = "") -> None:
+    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None, peer: Peer, rid: str = "") -> None:
         """Queue seq in the engine, its events going to `events` (tagged with the request id on a Session).
 
         A client that reads too slowly lets its undelivered chunks pile up here, never in the engine:
         past the bound the request is cancelled with a message saying so.
         """
         if self.draining:
-            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the server is shutting down and takes no new requests; retry on another instance")
-        peer = peer or Peer("unknown")
+            raise _shutting_down()
         if peer.live >= self.limits.max_requests_per_connection:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this connection already has {peer.live} requests running or queued (limits.max_requests_per_connection)", 1.0)
         limit = self.generation.max_buffered_chunks
@@ -232,10 +234,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.live.add(seq)
         self.all_done.clear()
 
-    def _refused(self, rid: str, peer: Peer | None, code: grpc.StatusCode, message: str) -> None:
+    def _refused(self, rid: str, peer: Peer, code: grpc.StatusCode, message: str) -> None:
         """Count and log a request that ended before the engine saw it."""
         self.engine.metrics.request_errors.labels(code.name).inc()
-        log_request(id=rid, **(peer or Peer("unknown")).log_fields(), reason="refused", code=code.name, message=message)
+        log_request(id=rid, **peer.log_fields(), reason="refused", code=code.name, message=message)
 
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

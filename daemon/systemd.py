@@ -38,10 +38,6 @@ class Notifier:
         self._last_ping = 0.0
         self._lock = threading.Lock()  # called from the engine thread and the event loop
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def send(self, *lines: str) -> bool:
         """Send one datagram of KEY=value lines; False (never an exception) when it cannot be sent."""
         if self._sock is None:

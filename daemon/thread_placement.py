@@ -45,5 +45,11 @@ def plan_placement(threads: int, allowed: Iterable[int]) -> ThreadPlacement | No
     return ThreadPlacement(cpus[0], tuple(cpus[1:]), cpus[-1])
 
 
+def default_placement(threads: int) -> ThreadPlacement | None:
+    """The daemon's placement for `threads` ONNX Runtime threads (0: one per allowed CPU) over this process's CPUs."""
+    cpus = allowed_cpus()
+    return plan_placement(threads or len(cpus), cpus)
+
+
 def pin_current_thread(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})  # 0: the calling thread (Linux applies affinity per thread)

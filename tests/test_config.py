@@ -24,6 +24,8 @@ def test_defaults_and_overrides(tmp_path):
     ({"logging": {"level": "loud"}}, "logging.level"),
     ({"listen": {"unix": None, "tcp": None}}, "listen"),
     ({"engine": []}, "engine"),
+    ({"listen": {"tcp": "localhost"}}, "listen.tcp"),  # addresses fail at parse time, not after the model load
+    ({"service": {"metrics": "127.0.0.1:port"}}, "service.metrics"),
 ])
 def test_bad_values_name_the_key(doc, key):
     with pytest.raises(ConfigError, match=f"'?{key}'?"):
