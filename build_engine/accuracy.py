@@ -7,6 +7,7 @@ The build refuses a graph whose loss passes the thresholds below.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from build_engine.graph_session import open_session, prefill_feeds
+
+log = logging.getLogger("edgellm.build")
 
 # Largest perplexity ratio (candidate / fp32) and smallest top-1 agreement a build accepts, by precision.
 # Set from what the demo model loses at each precision, with room for models that are harder to quantize.
@@ -59,6 +62,13 @@ def default_text(name: str) -> str:
     return (files("build_engine") / "data" / f"{name}.txt").read_text(encoding="utf-8")
 
 
+def token_ids(tok_json: str, text: str) -> list[int]:
+    """text's token ids under the tokenizer.json in tok_json."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tok_json).encode(text).ids
+
+
 def all_position_logits(graph: Path, token_ids: list[int], threads: int = 0) -> np.ndarray:
     """Logits [tokens, vocab] of one prefill of token_ids from an empty cache."""
     sess = open_session(graph, threads)
@@ -88,3 +98,12 @@ def check_accuracy(report: AccuracyReport, precision: str) -> None:
     if report.perplexity_ratio > max_ratio or report.top1_agreement < min_agreement:
         raise AccuracyError(f"{precision} loses too much accuracy: {report.summary()}; the limits are a perplexity "
                             f"ratio of at most {max_ratio} and a top-1 agreement of at least {min_agreement:.0%}")
+
+
+def accuracy_record(report: AccuracyReport, precision: str) -> dict:
+    """Log the report; raise AccuracyError past the precision's thresholds, else return the manifest's entry."""
+    log.info("%s accuracy on held-out text: %s", precision, report.summary())
+    check_accuracy(report, precision)
+    max_ratio, min_agreement = THRESHOLDS[precision]
+    return {"measured": True, **report.to_dict(), "max_perplexity_ratio": max_ratio,
+            "min_top1_agreement": min_agreement}

@@ -60,6 +60,11 @@ def runtime_versions() -> dict[str, str]:
     return versions
 
 
+def _bundle_id(files: dict[str, str]) -> str:
+    """The bundle's id: a hash of its file names and checksums, so any changed file gives a new id."""
+    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in sorted(files.items())).encode()).hexdigest()[:16]
+
+
 def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dict[str, Any], force: bool = False) -> Path:
     """Create bundle `out`: write_payload fills a temp folder, then checksums and the manifest are added.
 
@@ -73,8 +78,7 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
     try:
         write_payload(tmp)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        bundle_id = hashlib.sha256("".join(f"{n}:{d}\n" for n, d in files.items()).encode()).hexdigest()[:16]
-        full = {"format_version": FORMAT_VERSION, "bundle_id": bundle_id,
+        full = {"format_version": FORMAT_VERSION, "bundle_id": _bundle_id(files),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "edgellm_version": __version__, "runtimes": runtime_versions(), **manifest, "files": files}
         (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(full, sort_keys=False))
@@ -99,13 +103,13 @@ def update_bundle(path: Path, new_files: dict[str, bytes], manifest_changes: dic
     path = Path(path)
     manifest = yaml.safe_load((path / MANIFEST_NAME).read_text())
     for name, data in new_files.items():
+        manifest["files"][name] = hashlib.sha256(data).hexdigest()  # the bytes are here: no need to read them back
         tmp = path / f".{name}.tmp-{os.getpid()}"
         tmp.write_bytes(data)
         tmp.rename(path / name)
-        manifest["files"][name] = file_sha256(path / name)
     files = dict(sorted(manifest.pop("files").items()))
     manifest.update(manifest_changes)
-    manifest["bundle_id"] = hashlib.sha256("".join(f"{n}:{d}\n" for n, d in files.items()).encode()).hexdigest()[:16]
+    manifest["bundle_id"] = _bundle_id(files)
     manifest["files"] = files
     tmp = path / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))

@@ -16,16 +16,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from build_engine.accuracy import THRESHOLDS, AccuracyReport, check_accuracy, default_text, measure_accuracy
+from build_engine.accuracy import AccuracyReport, accuracy_record, default_text, measure_accuracy, token_ids
 from build_engine.model_spec import ModelSpec
 
 log = logging.getLogger("edgellm.build")
-
-
-def token_ids(tok_json: str, text: str) -> list[int]:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tok_json).encode(text).ids
 
 
 def _measure_float(spec: ModelSpec, weights: dict[str, np.ndarray], graph: onnx.ModelProto, max_seq: int,
@@ -73,9 +67,5 @@ def prepare_tensorrt_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_
         log.warning("%s accuracy not measured: ONNX Runtime's CPU provider has no %s kernels", precision, precision)
         manifest["accuracy"] = {"measured": False, "reason": f"no {precision} kernels in ONNX Runtime's CPU provider"}
         return graph, manifest
-    log.info("%s accuracy on held-out text: %s", precision, report.summary())
-    max_ratio, min_agreement = THRESHOLDS[precision]
-    manifest["accuracy"] = {"measured": True, **report.to_dict(), "max_perplexity_ratio": max_ratio,
-                            "min_top1_agreement": min_agreement}
-    check_accuracy(report, precision)
+    manifest["accuracy"] = accuracy_record(report, precision)
     return graph, manifest

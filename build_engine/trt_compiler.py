@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.bundle import Bundle, load_bundle
+from daemon.bundle import load_bundle
 from daemon.trt_plan import (ENGINE_FILE, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens,
-                             format_cc, optimization_profiles, profiles_to_manifest)
+                             format_cc, optimization_profiles, profiles_to_manifest, tensorrt_version_key)
 
 log = logging.getLogger("edgellm.compile")
 
@@ -52,29 +52,19 @@ def tensorrt_available() -> str | None:
     return None
 
 
-def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int], int]:
-    """(name, compute capability, free bytes) of a GPU, through pycuda."""
+def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int]]:
+    """(name, compute capability) of a GPU, through pycuda (device queries need no context)."""
     import pycuda.driver as cuda
 
     cuda.init()
     dev = cuda.Device(device)
-    ctx = dev.retain_primary_context()
-    ctx.push()
-    try:
-        free, _total = cuda.mem_get_info()
-    finally:
-        ctx.pop()
-    return dev.name(), tuple(dev.compute_capability()), free
+    return dev.name(), tuple(dev.compute_capability())
 
 
 def default_timing_cache(bundle: Path, tensorrt_version: str, gpu_name: str) -> Path:
     """Beside the bundle, one per TensorRT version and GPU model (timings are valid for those only)."""
     gpu = "".join(c if c.isalnum() else "-" for c in gpu_name).strip("-")
     return Path(bundle).resolve().parent / f".edgellm-timing-trt{tensorrt_version}-{gpu}.cache"
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
 def compile_bundle(path: Path, *, slots: int = 8, max_prefill_tokens: int | None = None,
@@ -89,10 +79,10 @@ def compile_bundle(path: Path, *, slots: int = 8, max_prefill_tokens: int | None
         raise CompileError(f"{path} was built for target {bundle.manifest.get('target')!r}; rebuild it with --target tensorrt")
     if bundle.manifest.get("engine") and not force:
         raise CompileError(f"{path} already holds an engine (use --force to compile again)")
-    if _version_tuple(trt.__version__) < MIN_TENSORRT:
+    if tensorrt_version_key(trt.__version__) < MIN_TENSORRT:
         raise CompileError(f"TensorRT {trt.__version__} lacks the attention, KV-cache update and rotary layers the graph "
                            f"needs; install TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (JetPack 6's 10.3 is too old)")
-    gpu_name, cc, _free = gpu_identity()
+    gpu_name, cc = gpu_identity()
     check_precision_supported(bundle.manifest["precision"], cc, gpu_name)
     layout = bundle.kv_cache
     max_prefill = max_prefill_tokens or default_max_prefill_tokens(bundle.context_length)
@@ -144,7 +134,3 @@ def compile_bundle(path: Path, *, slots: int = 8, max_prefill_tokens: int | None
     update_bundle(path, {ENGINE_FILE: engine_bytes}, {"engine": record})
     log.info("wrote %s (%.0f MiB) in %.0f s", ENGINE_FILE, len(engine_bytes) / (1 << 20), seconds)
     return Path(path) / ENGINE_FILE
-
-
-def engine_record(bundle: Bundle) -> dict[str, Any] | None:
-    return bundle.manifest.get("engine")

@@ -88,28 +88,24 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
     """The CPU graph for int8/int4 (weight-only MatMulNBits) and its manifest entries, accuracy included.
 
     Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows against fp32."""
-    from build_engine.accuracy import THRESHOLDS, check_accuracy, default_text, measure_accuracy
+    from build_engine.accuracy import accuracy_record, default_text, measure_accuracy, token_ids
     from build_engine.cpu_graph import build_cpu_graph
     from build_engine.onnx_graph import save_graph
-    from build_engine.trt_build import token_ids
 
     heldout = token_ids(tok_json, default_text("heldout"))[:max_seq - 1]
     with tempfile.TemporaryDirectory(prefix="edgellm-acc-") as tmp:
         ref, cand = Path(tmp) / "reference.onnx", Path(tmp) / "candidate.onnx"
-        save_graph(build_cpu_graph(spec, weights, max_seq=max_seq), ref)
-        graph = quantize_weights(build_cpu_graph(spec, weights, max_seq=max_seq), precision)
+        graph = build_cpu_graph(spec, weights, max_seq=max_seq)
+        save_graph(graph, ref)  # before quantize_weights, which changes the graph in place
+        graph = quantize_weights(graph, precision)
         save_graph(graph, cand)
         report = measure_accuracy(ref, cand, heldout)
-    log.info("%s accuracy on held-out text: %s", precision, report.summary())
-    max_ratio, min_agreement = THRESHOLDS[precision]
     manifest = {
         "quantization": {"method": f"weight-only {precision} (ONNX Runtime MatMulNBits, symmetric round-to-nearest, "
                                    f"blocks of {BLOCK_SIZES[BITS[precision]]} input rows, accuracy level {ACCURACY_LEVEL})",
                          "quantized": "every linear layer; the vocabulary projection at {} bits in blocks of {}".format(
                              *LM_HEAD_FORMAT[precision]),
                          "not_quantized": "embedding lookup, norms, attention, KV cache (fp32)"},
-        "accuracy": {"measured": True, **report.to_dict(), "max_perplexity_ratio": max_ratio,
-                     "min_top1_agreement": min_agreement},
+        "accuracy": accuracy_record(report, precision),  # raises AccuracyError past the thresholds
     }
-    check_accuracy(report, precision)
     return graph, manifest

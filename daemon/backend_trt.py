@@ -31,7 +31,7 @@ import numpy as np
 from daemon.bundle import Bundle, BundleError
 from daemon.cuda_graph import CudaGraph, CudaGraphError
 from daemon.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_batch_sizes, decode_profile,
-                             fill_decode_inputs, memory_budget, packed_input_elements, packed_inputs)
+                             fill_decode_inputs, memory_budget, packed_input_elements, packed_inputs, packed_views)
 
 log = logging.getLogger("edgellm.backend")
 
@@ -136,10 +136,9 @@ class TrtBackend:
         n = packed_input_elements(rows, tokens)
         host_in = cuda.pagelocked_zeros(n, np.int64)
         host_logits = cuda.pagelocked_zeros((rows, 1, self.vocab_size), np.float32)
-        views = {name: host_in[off:off + int(np.prod(shape))].reshape(shape)
-                 for name, (off, shape) in packed_inputs(rows, tokens).items()}
         return _Step(context, rows, host_in, cuda.mem_alloc(host_in.nbytes), host_logits,
-                     cuda.mem_alloc(host_logits.nbytes), **views, positions=np.zeros(rows, np.int64))
+                     cuda.mem_alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens),
+                     positions=np.zeros(rows, np.int64))
 
     def _bind(self, step: _Step, first_row: int, rows: int, tokens: int) -> None:
         """Shapes and addresses of one step; inputs packed in device_in, KV cache rows [first_row, first_row+rows)."""
@@ -222,8 +221,7 @@ class TrtBackend:
             chunk = ids[begin:begin + self.max_prefill_tokens]
             n = len(chunk)
             self._bind(step, first_row=row, rows=1, tokens=n)
-            layout = packed_inputs(1, n)
-            views = {name: step.host_in[off:off + int(np.prod(shape))].reshape(shape) for name, (off, shape) in layout.items()}
+            views = packed_views(step.host_in, 1, n)
             pos = start + begin
             views["input_ids"][0] = chunk
             views["position_ids"][0] = np.arange(pos, pos + n)

@@ -124,6 +124,12 @@ def packed_input_elements(rows: int, tokens: int) -> int:
     return offset + rows
 
 
+def packed_views(buffer: np.ndarray, rows: int, tokens: int) -> dict[str, np.ndarray]:
+    """Each step input as a view of the packed buffer (writes go straight into it), shaped for rows x tokens."""
+    return {name: buffer[off:off + int(np.prod(shape))].reshape(shape)
+            for name, (off, shape) in packed_inputs(rows, tokens).items()}
+
+
 def graph_key(profile: int, rows: int, tokens: int) -> tuple[int, int, int]:
     """A CUDA graph is valid for exactly one profile and one set of input shapes."""
     return (profile, rows, tokens)

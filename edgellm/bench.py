@@ -39,6 +39,7 @@ class LevelResult:
     itl_p99_ms: float
     achieved_gb_s: float = 0.0  # bytes the decode steps read per second (weights + KV cache in use)
     roofline_fraction: float = 0.0  # achieved / measured read bandwidth
+    roofline_tokens_per_s: float = 0.0  # total tokens/s the measured read bandwidth would allow at this level
 
 
 @dataclass
@@ -124,6 +125,7 @@ def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_toke
         step_bytes = decode_bytes_per_step(info.weight_bytes_per_token, kv_per_position, rows, prompt_tokens, new_tokens)
         r.achieved_gb_s = r.total_tokens_per_s / rows * step_bytes / 1e9
         r.roofline_fraction = r.achieved_gb_s * 1e9 / bandwidth
+        r.roofline_tokens_per_s = bandwidth / step_bytes * rows
     model = {"architecture": info.hf_architecture, "precision": info.precision, "backend": info.backend,
              "slots": info.slots, "source": info.source}
     return BenchReport(levels, bandwidth / 1e9, info.weight_bytes_per_token, kv_per_position, prompt_tokens, new_tokens,
@@ -168,10 +170,8 @@ def plot_results(report: BenchReport, path: str) -> None:
     ax1.plot(c, [r.total_tokens_per_s for r in report.levels], "o-", label="total")
     ax1.plot(c, [r.per_stream_tokens_per_s for r in report.levels], "s--", label="per stream")
     if report.weight_bytes_per_token:
-        roof = [report.read_bandwidth_gb_s * 1e9 / decode_bytes_per_step(
-            report.weight_bytes_per_token, report.kv_bytes_per_position, r.concurrency, report.prompt_tokens,
-            report.new_tokens) * r.concurrency for r in report.levels]
-        ax1.plot(c, roof, ":", color="gray", label=f"bandwidth roofline ({report.read_bandwidth_gb_s:.1f} GB/s)")
+        ax1.plot(c, [r.roofline_tokens_per_s for r in report.levels], ":", color="gray",
+                 label=f"bandwidth roofline ({report.read_bandwidth_gb_s:.1f} GB/s)")
     ax1.set(xlabel="concurrent streams", ylabel="decode tokens/s", xscale="log", xticks=c, xticklabels=c,
             title="Throughput")
     ax1.legend()

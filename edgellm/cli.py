@@ -44,11 +44,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _tensorrt_second_stage(path: Path) -> int:
     """After a TensorRT build: print the accuracy, then compile here if TensorRT and a GPU are, else say how."""
-    import yaml
-
     from build_engine.trt_compiler import tensorrt_available
+    from daemon.bundle import load_bundle
 
-    accuracy = yaml.safe_load((path / "manifest.yaml").read_text()).get("accuracy", {})
+    accuracy = load_bundle(path, verify=False).manifest.get("accuracy", {})  # just written: no need to hash it again
     if accuracy.get("measured"):
         print(f"accuracy vs fp32 on held-out text: perplexity ratio {accuracy['perplexity_ratio']:.4f} "
               f"(limit {accuracy['max_perplexity_ratio']}), top-1 agreement {accuracy['top1_agreement']:.1%} "
@@ -60,20 +59,26 @@ def _tensorrt_second_stage(path: Path) -> int:
         print(f"not compiled: {missing}.\nCompile the engine on the target device: edgellm compile {path}",
               file=sys.stderr)
         return 0
-    return cmd_compile(argparse.Namespace(bundle=str(path), slots=8, max_prefill_tokens=None, timing_cache=None,
-                                          optimization_level=3, force=False))
+    return _compile(path)  # compile_bundle's defaults are `edgellm compile`'s
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from build_engine.trt_compiler import compile_bundle, tensorrt_available
+    from build_engine.trt_compiler import tensorrt_available
 
     missing = tensorrt_available()
     if missing:
         return fail("compile", f"{missing}; compile on the target device, which needs TensorRT and its NVIDIA GPU")
+    return _compile(Path(args.bundle), slots=args.slots, max_prefill_tokens=args.max_prefill_tokens,
+                    timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                    optimization_level=args.optimization_level, force=args.force)
+
+
+def _compile(path: Path, **options) -> int:
+    """compile_bundle with the command's messages; the caller has checked that TensorRT and a GPU are here."""
+    from build_engine.trt_compiler import compile_bundle
+
     try:
-        engine = compile_bundle(Path(args.bundle), slots=args.slots, max_prefill_tokens=args.max_prefill_tokens,
-                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-                                optimization_level=args.optimization_level, force=args.force)
+        engine = compile_bundle(path, **options)
     except Exception as e:  # noqa: BLE001 — CompileError, BundleError, PrecisionUnsupported, TensorRT's own errors
         logging.getLogger("edgellm.compile").debug("compile failed", exc_info=True)
         return fail("compile", f"{type(e).__name__}: {e}")

@@ -16,12 +16,23 @@ def test_bench_reports_bandwidth_against_the_roofline(daemon, tiny_bundle, tmp_p
     assert report.weight_bytes_per_token == manifest["graph"]["weight_bytes_per_token"] > 0
     kv = manifest["graph"]["kv_cache"]
     assert report.kv_bytes_per_position == 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4
+    # The tiny llama in float32: K and V x 2 layers x 2 kv heads x head_dim 16 x 4 bytes.
+    assert report.kv_bytes_per_position == 512
+    weights = report.weight_bytes_per_token
+    # At least its linear layers, read whole each step: per layer q/k/v/o 64x(64+32+32+64), gate/up 64x256,
+    # down 128x64; and the 512-token vocabulary projection 64x512; float32.
+    assert weights >= 4 * (2 * (64 * 192 + 64 * 256 + 128 * 64) + 64 * 512) == 425_984
     assert report.read_bandwidth_gb_s > 0.1
+    # A decode step reads the weights once, and each row's cache: 4 prompt positions plus, on average over
+    # the 4 new tokens, 2 more = 6 positions of 512 bytes, 3072 bytes per row.
+    assert decode_bytes_per_step(1000, 10, 3, 4, 4) == 1000 + 3 * 10 * 6
     for level in report.levels:
-        step_bytes = decode_bytes_per_step(report.weight_bytes_per_token, report.kv_bytes_per_position,
-                                           level.concurrency, 4, 4)
+        step_bytes = weights + level.concurrency * 3072
+        assert decode_bytes_per_step(weights, 512, level.concurrency, 4, 4) == step_bytes
         assert level.achieved_gb_s == pytest.approx(level.total_tokens_per_s / level.concurrency * step_bytes / 1e9)
         assert level.roofline_fraction == pytest.approx(level.achieved_gb_s / report.read_bandwidth_gb_s)
+        # What the bandwidth allows: as many steps per second as it reads step_bytes, a token per row each.
+        assert level.roofline_tokens_per_s == pytest.approx(report.read_bandwidth_gb_s * 1e9 / step_bytes * level.concurrency)
     text = format_results(report, as_json=False)
     assert "roofline" in text and "GB/s" in text
     parsed = json.loads(format_results(report, as_json=True))

@@ -12,7 +12,7 @@ from daemon.bundle import KvCacheLayout
 from daemon.scheduler import decode_rows
 from daemon.trt_plan import (PREFILL, EngineMismatch, decode_profile, MemoryBudget, PrecisionUnsupported, check_engine_compatible,
                              check_memory, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens, fill_decode_inputs,
-                             graph_key, memory_budget, optimization_profiles, packed_input_elements, packed_inputs,
+                             graph_key, memory_budget, optimization_profiles, packed_input_elements, packed_inputs, packed_views,
                              profiles_to_manifest, step_buffer_bytes, tensorrt_version_key)
 
 LAYOUT = KvCacheLayout(num_layers=2, num_kv_heads=2, max_seq=129, head_dim=16, dtype="float16")
@@ -84,6 +84,16 @@ def test_packed_inputs_do_not_overlap_and_fill_the_buffer():
         assert spans[0][0] == 0
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
         assert spans[-1][1] == packed_input_elements(rows, tokens) == rows * (2 * tokens + 2)
+
+
+def test_packed_views_write_into_the_one_buffer():
+    buf = np.zeros(packed_input_elements(2, 3), np.int64)
+    views = packed_views(buf, 2, 3)
+    assert {n: v.shape for n, v in views.items()} == {n: tuple(shape) for n, (_, shape) in packed_inputs(2, 3).items()}
+    for i, v in enumerate(views.values(), start=1):
+        v[...] = i
+    # Every element of the buffer belongs to exactly one view: filled with 1..4, none left at 0.
+    assert sorted(set(buf.tolist())) == list(range(1, len(views) + 1))
 
 
 def test_memory_budget_and_refusal():
