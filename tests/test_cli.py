@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+
+from conftest import DEMO_CACHE
 
 EDGELLM = [sys.executable, "-m", "edgellm"]
 
@@ -20,10 +24,14 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 class Served:
-    """`edgellm serve` in a subprocess, ready once it prints its ready line."""
+    """`edgellm serve` in a subprocess, ready once it prints its ready line. Its stderr goes to the file `log`
+    (a pipe nobody reads could fill up and stall the daemon)."""
 
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([*EDGELLM, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None):
+        self.log = log
+        self._log_file = log.open("w")
+        self.proc = subprocess.Popen([*EDGELLM, "serve", *args], stdout=subprocess.PIPE, stderr=self._log_file,
+                                     text=True, env=env)
         self.ready = threading.Event()
         self.stdout: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -34,9 +42,20 @@ class Served:
             if "ready on" in line:
                 self.ready.set()
 
+    def wait_ready(self, timeout: float) -> bool:
+        """True once ready; False when the process ended first or the timeout passed."""
+        end = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                break
+        return self.ready.is_set()
+
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(30)
+        finally:
+            self._log_file.close()
 
 
 def test_build_serve_chat_info_round_trip(tiny_checkpoint, tmp_path):
@@ -51,9 +70,9 @@ def test_build_serve_chat_info_round_trip(tiny_checkpoint, tmp_path):
     assert info.returncode == 0 and "checksums: ok" in info.stdout and "LlamaForCausalLM" in info.stdout
 
     sock = tmp_path / "d.sock"
-    served = Served("--bundle", str(bundle), "--unix", str(sock), "--slots", "2")
+    served = Served("--bundle", str(bundle), "--unix", str(sock), "--slots", "2", log=tmp_path / "serve.log")
     try:
-        assert served.ready.wait(60), served.proc.stderr.read() if served.proc.poll() is not None else "not ready"
+        assert served.wait_ready(60), served.log.read_text()
         chat = run("chat", "hello there", "--address", str(sock), "--max-new-tokens", "6", "-v", timeout=60)
         assert chat.returncode == 0, chat.stderr
         assert "FINISH_REASON_" in chat.stderr and "new tokens" in chat.stderr
@@ -120,39 +139,26 @@ def test_bad_config_names_the_key(tmp_path):
 @pytest.mark.slow
 def test_demo_model_answers_through_the_daemon(tmp_path):
     """The README's first command: `serve` with no bundle builds the demo model once, then chats."""
-    import os
-
-    cache = Path(__file__).resolve().parent.parent / ".cache" / "demo_model"  # shared with test_gguf
     sock = tmp_path / "demo.sock"
-    env_cache = {**os.environ, "EDGELLM_CACHE": str(cache)}
-    # stderr to a file: the build's log, unread in a pipe, could fill it and stall the daemon.
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen([*EDGELLM, "serve", "--unix", str(sock)], stdout=subprocess.PIPE,
-                            stderr=log.open("w"), text=True, env=env_cache)
+    served = Served("--unix", str(sock), log=tmp_path / "serve.log",
+                    env={**os.environ, "EDGELLM_CACHE": str(DEMO_CACHE)})  # the cache shared with test_gguf
     try:
-        line = ""
-        for line in proc.stdout:
-            if "ready on" in line:
-                break
-        assert "ready on" in line, log.read_text()
+        assert served.wait_ready(1800), served.log.read_text()  # the first run builds the demo bundle
         chat = run("chat", "What is the capital of France?", "--address", str(sock), "-v", timeout=120)
         assert chat.returncode == 0, chat.stderr
         assert "Paris" in chat.stdout
         assert "FINISH_REASON_STOP" in chat.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert served.stop() == 0
 
 
-@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="thread placement needs 2 CPUs or more")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="thread placement needs 2 CPUs or more")
 def test_serve_pins_its_threads_and_asks_for_huge_pages(tiny_bundle, tmp_path):
     """`edgellm serve` re-executes itself once with glibc's huge-page tunable (same PID), then places the
     engine thread alone on the first allowed CPU and its gRPC side on the last."""
-    import os
-
-    served = Served("--bundle", str(tiny_bundle), "--unix", str(tmp_path / "d.sock"))
+    served = Served("--bundle", str(tiny_bundle), "--unix", str(tmp_path / "d.sock"), log=tmp_path / "serve.log")
     try:
-        assert served.ready.wait(60), served.proc.stderr.read() if served.proc.poll() is not None else "not ready"
+        assert served.wait_ready(60), served.log.read_text()
         pid = served.proc.pid
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ

@@ -15,21 +15,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from tokenizers import Tokenizer
 
 from build_engine.accuracy import THRESHOLDS, AccuracyError, all_position_logits
-from build_engine.build import build_bundle, load_checkpoint
+from build_engine.build import BuildError, build_bundle
 from build_engine.cpu_graph import build_cpu_graph
 from build_engine.onnx_graph import save_graph
 from build_engine.weight_quant import LM_HEAD_NODE, quantize_weights
-from daemon.backend_onnx import create_cpu_backend
-from daemon.bundle import load_bundle
+from daemon.backend_onnx import OnnxBackend, create_cpu_backend
+from daemon.bundle import KvCacheLayout, load_bundle
+from edgellm.validate import greedy
 
 MAX_SEQ = 65
 
 
 @pytest.fixture(scope="module")
-def tiny_graphs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    spec, weights, *_ = load_checkpoint(tiny_checkpoint)
+def tiny_graphs(tiny_loaded, tmp_path_factory) -> dict[str, Path]:
+    spec, weights, *_ = tiny_loaded
     out = tmp_path_factory.mktemp("precisions")
     paths = {}
     for precision in ("fp32", "int8", "int4"):
@@ -42,13 +44,13 @@ def tiny_graphs(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_ids(tiny_checkpoint) -> list[int]:
-    spec, *_ = load_checkpoint(tiny_checkpoint)
+def tiny_ids(tiny_loaded) -> list[int]:
+    spec, *_ = tiny_loaded
     return np.random.default_rng(0).integers(0, spec.vocab_size, 48).tolist()
 
 
-def test_every_linear_layer_becomes_matmulnbits(tiny_graphs, tiny_checkpoint):
-    spec, *_ = load_checkpoint(tiny_checkpoint)
+def test_every_linear_layer_becomes_matmulnbits(tiny_graphs, tiny_loaded):
+    spec, *_ = tiny_loaded
     for precision, bits in (("int8", 8), ("int4", 4)):
         model = onnx.load(tiny_graphs[precision], load_external_data=False)
         nbits = {n.output[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
@@ -77,12 +79,9 @@ def test_quantized_logits_follow_fp32(tiny_graphs, tiny_ids, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_decode_steps_match_prefill(tiny_graphs, tiny_ids, tiny_checkpoint, precision):
+def test_decode_steps_match_prefill(tiny_graphs, tiny_ids, tiny_loaded, precision):
     """One-row decode steps through the daemon's backend give the logits of one prefill over the same tokens."""
-    from daemon.bundle import KvCacheLayout
-    from daemon.backend_onnx import OnnxBackend
-
-    spec, *_ = load_checkpoint(tiny_checkpoint)
+    spec, *_ = tiny_loaded
     full = all_position_logits(tiny_graphs[precision], tiny_ids)
     layout = KvCacheLayout(spec.num_layers, spec.num_kv_heads, MAX_SEQ, spec.head_dim, "float32")
     backend = OnnxBackend(tiny_graphs[precision], layout, spec.vocab_size, slots=1, threads=1)
@@ -107,31 +106,25 @@ def test_int8_bundle_reports_accuracy_and_reads_fewer_bytes(tiny_checkpoint, tin
 
 
 def test_a_build_that_loses_too_much_is_refused(tiny_checkpoint, tmp_path):
-    """int4 on the tiny random model passes the int4 limits (measured: top-1 agreement ~50%): no bundle."""
+    """int4 on the tiny random model falls outside the int4 limits (measured: top-1 agreement ~50%): the build
+    is refused and writes no bundle."""
     with pytest.raises(AccuracyError, match="int4 loses too much accuracy"):
         build_bundle(tiny_checkpoint, tmp_path / "int4", precision="int4", context_length=MAX_SEQ - 1)
     assert not (tmp_path / "int4").exists()
 
 
 def test_unknown_cpu_precision_is_refused_by_name(tiny_checkpoint, tmp_path):
-    from build_engine.build import BuildError
-
     with pytest.raises(BuildError, match="fp8.*choose from: fp32, int8, int4"):
         build_bundle(tiny_checkpoint, tmp_path / "x", target="cpu", precision="fp8")
 
 
 @pytest.mark.slow
-def test_demo_model_int8_and_int4(tmp_path):
+def test_demo_model_int8_and_int4(demo_gguf, tmp_path):
     """The demo model at each CPU precision: within its accuracy limits, and its next tokens close to fp32's."""
-    from tokenizers import Tokenizer
-
-    from build_engine.demo_model import demo_gguf_path
-
-    gguf = demo_gguf_path(Path(__file__).resolve().parent.parent / ".cache" / "demo_model")
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
     prompt = fp32_tokens = None
     for precision in ("fp32", "int8", "int4"):
-        path = build_bundle(gguf, tmp_path / precision, precision=precision, context_length=384)
+        path = build_bundle(demo_gguf, tmp_path / precision, precision=precision, context_length=384)
         bundle = load_bundle(path)
         if precision != "fp32":
             acc = bundle.manifest["accuracy"]
@@ -140,18 +133,11 @@ def test_demo_model_int8_and_int4(tmp_path):
         backend = create_cpu_backend(bundle, slots=1)
         if fp32_tokens is None:  # fp32's greedy continuation, through the backend's decode steps
             prompt = Tokenizer.from_file(str(path / "tokenizer.json")).encode(text).ids
-            token, fp32_tokens = int(np.argmax(backend.prefill(0, prompt, 0))), []
-            b = backend.decode_binding(1)
-            for pos in range(len(prompt), len(prompt) + 16):
-                fp32_tokens.append(token)
-                b.input_ids[0, 0] = token
-                b.positions[0] = pos
-                token = int(np.argmax(backend.decode(b)[0]))
+            fp32_tokens = greedy(backend, prompt, 16)
             assert Tokenizer.from_file(str(path / "tokenizer.json")).decode(fp32_tokens[:2]).strip() == "Rome."
             continue
         # Teacher-forced: after the prompt and each of fp32's tokens, does this precision pick fp32's next one?
-        ids = prompt + fp32_tokens
-        picks = [int(np.argmax(backend.prefill(0, ids[:n], 0))) for n in range(len(prompt), len(ids))]
+        picks = greedy(backend, prompt, len(fp32_tokens), forced=fp32_tokens)
         agreement = np.mean(np.array(picks) == np.array(fp32_tokens))
         # Measured: int8 15/16, int4 13/16.
         assert agreement >= {"int8": 0.85, "int4": 0.6}[precision], (precision, picks, fp32_tokens)

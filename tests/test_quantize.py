@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +10,7 @@ import pytest
 import yaml
 
 from build_engine.accuracy import THRESHOLDS, all_position_logits, default_text
-from build_engine.build import build_bundle, load_checkpoint
+from build_engine.build import build_bundle
 from build_engine.onnx_graph import build_graph, save_graph
 from build_engine.quantize import (calibrate, float32_twin, linear_inputs, linear_nodes, quantize_for_target,
                                    quantize_graph, quantize_weight, smooth_weights)
@@ -20,15 +18,8 @@ from build_engine.trt_build import token_ids
 from daemon.bundle import load_bundle
 from edgellm import cli
 
-REPO = Path(__file__).resolve().parents[1]
 NO_TENSORRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 MAX_SEQ = 129
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    spec, weights, tok_json, _, _ = load_checkpoint(tiny_checkpoint)
-    return spec, weights, tok_json
 
 
 def test_weight_quantization_is_symmetric_per_output_channel():
@@ -42,8 +33,8 @@ def test_weight_quantization_is_symmetric_per_output_channel():
         assert np.all(np.abs(back - w) <= tol * np.abs(w).max(axis=0) + 1e-7)
 
 
-def test_qdq_placement(tiny):
-    spec, weights, tok_json = tiny
+def test_qdq_placement(tiny_loaded):
+    spec, weights, tok_json, *_ = tiny_loaded
     g = build_graph(spec, weights, max_seq=MAX_SEQ)
     inputs = linear_inputs(g)
     assert len(linear_nodes(g)) == 7 * spec.num_layers and len(inputs) == 4 * spec.num_layers  # q/k/v and gate/up share
@@ -59,8 +50,8 @@ def test_qdq_placement(tiny):
     onnx.checker.check_model(g)
 
 
-def test_smoothing_keeps_the_function_and_shrinks_outliers(tiny, tmp_path):
-    spec, weights, tok_json = tiny
+def test_smoothing_keeps_the_function_and_shrinks_outliers(tiny_loaded, tmp_path):
+    spec, weights, tok_json, *_ = tiny_loaded
     calib = token_ids(tok_json, default_text("calibration"))
     g = build_graph(spec, weights, max_seq=MAX_SEQ)
     channel = calibrate(g, calib, MAX_SEQ, per_channel=True)
@@ -77,8 +68,8 @@ def test_smoothing_keeps_the_function_and_shrinks_outliers(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_tiny_model_accuracy(tiny, precision):
-    spec, weights, tok_json = tiny
+def test_tiny_model_accuracy(tiny_loaded, precision):
+    spec, weights, tok_json, *_ = tiny_loaded
     calib, held = token_ids(tok_json, default_text("calibration")), token_ids(tok_json, default_text("heldout"))
     _, amax, report = quantize_for_target(spec, weights, precision, MAX_SEQ, calib, held)
     assert report.tokens == min(len(held), MAX_SEQ - 1)
@@ -89,9 +80,9 @@ def test_tiny_model_accuracy(tiny, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_float32_twin_of_the_deploy_graph(tiny, tmp_path, precision):
+def test_float32_twin_of_the_deploy_graph(tiny_loaded, tmp_path, precision):
     """What `edgellm validate` uses as its CPU reference: the fp16+Q/DQ graph widened to float32."""
-    spec, weights, tok_json = tiny
+    spec, weights, tok_json, *_ = tiny_loaded
     calib = token_ids(tok_json, default_text("calibration"))
     g32 = build_graph(spec, weights, max_seq=MAX_SEQ)
     amax = calibrate(g32, calib, MAX_SEQ)
@@ -112,8 +103,8 @@ def test_float32_twin_of_the_deploy_graph(tiny, tmp_path, precision):
     assert np.abs(a - b).max() < 0.25 * np.abs(a).max()
 
 
-def test_static_attention_span_graph_matches(tiny, tmp_path):
-    spec, weights, tok_json = tiny
+def test_static_attention_span_graph_matches(tiny_loaded, tmp_path):
+    spec, weights, tok_json, *_ = tiny_loaded
     save_graph(build_graph(spec, weights, max_seq=MAX_SEQ), tmp_path / "live.onnx")
     save_graph(build_graph(spec, weights, max_seq=MAX_SEQ, live_kv_prefix=False), tmp_path / "static.onnx")
     ids = token_ids(tok_json, default_text("heldout"))[:30]
@@ -191,14 +182,6 @@ def test_update_bundle_keeps_checksums_valid(tiny_bundle, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the demo model
-
-
-@pytest.fixture(scope="module")
-def demo_gguf() -> Path:
-    from build_engine.demo_model import demo_gguf_path
-
-    wheel_dir = os.environ.get("EDGELLM_DEMO_WHEEL_DIR")
-    return demo_gguf_path(REPO / ".cache" / "demo_model", wheel_dir=Path(wheel_dir) if wheel_dir else None)
 
 
 @pytest.mark.slow

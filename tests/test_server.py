@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import grpc
@@ -12,22 +11,11 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import TINY_CONTEXT, wait_until
+from conftest import TINY_CONTEXT, DaemonThread, StepGate, cancel_reached_engine, generate, wait_until
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 FR = pb.FinishReason
-
-
-def generate(stub, **fields) -> tuple[list[int], str, pb.Finished]:
-    ids, text, finished = [], "", None
-    for msg in stub.Generate(pb.GenerateRequest(**fields), timeout=60):
-        if msg.HasField("tokens"):
-            ids += msg.tokens.token_ids
-            text += msg.tokens.text
-        else:
-            finished = msg.finished
-    return ids, text, finished
 
 
 class SessionClient:
@@ -48,56 +36,6 @@ class SessionClient:
 
     def next(self) -> pb.SessionResponse:
         return next(self.responses)
-
-
-class StepGate:
-    """Once held, keeps the engine thread before each step until the test allows it: what the engine has
-    done when the test acts is then the test's choice, not a race between the engine and the client."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._permits = 0
-        self._held = False
-
-    def hold(self) -> None:
-        with self._cond:
-            self._held, self._permits = True, 0
-
-    def allow(self, steps: int) -> None:
-        with self._cond:
-            self._permits += steps
-            self._cond.notify_all()
-
-    def open(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-    def pass_through(self) -> None:
-        with self._cond:
-            # A test that never opens the gate fails on its own assertions, not by hanging the engine.
-            self._cond.wait_for(lambda: not self._held or self._permits > 0, timeout=30)
-            if self._held:
-                self._permits = max(0, self._permits - 1)
-
-
-@pytest.fixture
-def gate(daemon, monkeypatch):
-    """A StepGate in front of the daemon's engine steps (open until the test holds it; opened at the end)."""
-    gate = StepGate()
-    run_step = daemon.engine.step
-
-    def gated_step() -> None:
-        gate.pass_through()
-        run_step()
-
-    monkeypatch.setattr(daemon.engine, "step", gated_step)
-    yield gate
-    gate.open()
-
-
-def cancel_reached_engine(daemon) -> bool:
-    return any(seq.cancel_requested for seq in daemon.engine.running)
 
 
 def test_get_model_describes_the_bundle(daemon):
@@ -469,8 +407,6 @@ def test_conversation_errors(daemon):
 
 
 def test_slow_reader_is_cut_off_without_stalling_the_engine(tiny_bundle, tmp_path):
-    from conftest import DaemonThread
-
     sock = tmp_path / "slow.sock"
     d = DaemonThread(tiny_bundle, {"listen": {"unix": str(sock)}, "engine": {"slots": 2},
                                    "generation": {"max_buffered_chunks": 48}}).start()

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DaemonThread, wait_until
+from conftest import DaemonThread, generate, wait_until
 from daemon.systemd import Notifier
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
@@ -31,16 +31,6 @@ from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 FR = pb.FinishReason
 DRAIN_MESSAGE = "drain period"
-
-
-def generate(stub, metadata=None, **fields) -> tuple[list[int], pb.Finished]:
-    ids, finished = [], None
-    for msg in stub.Generate(pb.GenerateRequest(**fields), timeout=60, metadata=metadata):
-        if msg.HasField("tokens"):
-            ids += msg.tokens.token_ids
-        else:
-            finished = msg.finished
-    return ids, finished
 
 
 def health_status(channel) -> int:
@@ -103,18 +93,29 @@ def test_watchdog_pings_come_from_engine_progress_and_stop_while_a_step_hangs(ti
             hang["end"] = time.monotonic()
         return real_decode(binding)
 
-    pings: list[float] = []
+    # Each ping's time is taken when the engine thread sends it, not when the receiver gets to read it.
+    sent: list[float] = []
+    muted = threading.Event()
+    real_send = notifier.send
+
+    def send(*lines: str) -> bool:
+        if muted.is_set():
+            return False
+        if lines == ("WATCHDOG=1",):
+            sent.append(time.monotonic())
+        return real_send(*lines)
+
+    notifier.send = send
+    received: list[bytes] = []
+    stop = threading.Event()
 
     def receive():
-        notify.settimeout(0.5)
-        while True:
+        notify.settimeout(0.05)
+        while not stop.is_set():
             try:
-                assert notify.recv(100) == b"WATCHDOG=1"
-            except (TimeoutError, OSError):
-                if "end" in hang or notify.fileno() < 0:
-                    return
+                received.append(notify.recv(100))
+            except TimeoutError:
                 continue
-            pings.append(time.monotonic())
 
     receiver = threading.Thread(target=receive)
     receiver.start()
@@ -122,19 +123,47 @@ def test_watchdog_pings_come_from_engine_progress_and_stop_while_a_step_hangs(ti
         engine = d.engine
         engine.heartbeat, engine.heartbeat_s = notifier.progress, 0.05
         engine._wake()  # the idle wait picks up the period
-        assert wait_until(lambda: len(pings) >= 3)  # idle: the engine thread wakes up on its own and pings
+        assert wait_until(lambda: len(sent) >= 3)  # idle: the engine thread wakes up on its own and pings
         d.daemon.backend.decode = decode
-        ids, finished = generate(d.stub(), text="hi", max_new_tokens=3, ignore_eos=True)
+        ids, _, finished = generate(d.stub(), text="hi", max_new_tokens=3, ignore_eos=True)
         assert finished.reason == FR.FINISH_REASON_LENGTH
-        assert wait_until(lambda: pings and pings[-1] > hang["end"])  # pings resume after the step
-        receiver.join(10)
-        during = [t for t in pings if hang["start"] + 0.06 < t < hang["end"]]
+        assert wait_until(lambda: sent and sent[-1] > hang["end"])  # pings resume after the step
+        muted.set()
+        # Every ping counted here did reach the notify socket, as a WATCHDOG=1 datagram.
+        assert wait_until(lambda: len(received) == len(sent))
+        assert set(received) == {b"WATCHDOG=1"}
+        during = [t for t in sent if hang["start"] <= t <= hang["end"]]
         assert during == [], f"{len(during)} pings while the engine step hung"
-        assert any(t < hang["start"] for t in pings)
+        assert any(t < hang["start"] for t in sent)
     finally:
-        d.stop()
-        notify.close()
+        stop.set()
         receiver.join(10)
+        d.stop()
+        notifier.close()
+        notify.close()
+
+
+def test_stop_during_the_model_load_exits_without_serving(tiny_bundle, tmp_path, monkeypatch, caplog):
+    """A SIGTERM that lands while the model loads ends the daemon once the load returns: no warm-up, no socket."""
+    import daemon.backends
+    from daemon.bundle import load_bundle
+    from daemon.config import parse_config
+    from daemon.lifecycle import run_daemon
+
+    real_create = daemon.backends.create_backend
+
+    def create_then_get_stopped(*args, **kwargs):
+        backend = real_create(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by run_daemon's handler, as systemd's stop would be
+        return backend
+
+    monkeypatch.setattr(daemon.backends, "create_backend", create_then_get_stopped)
+    sock = tmp_path / "never.sock"
+    config = parse_config({"listen": {"unix": str(sock)}, "engine": {"pin_threads": False}})
+    with caplog.at_level("INFO", logger="edgellm.daemon"):
+        asyncio.run(asyncio.wait_for(run_daemon(config, load_bundle(tiny_bundle)), 60))
+    assert "stop requested while loading" in caplog.text
+    assert not sock.exists()
 
 
 # ---- systemd end to end: notify protocol, socket activation, SIGHUP, SIGTERM ------------------------------
@@ -185,10 +214,10 @@ def test_socket_activation_notify_sighup_and_sigterm(tiny_bundle, tmp_path):
         assert any(line.startswith("STATUS=serving") and unix_path in line for line in ready.split("\n"))
         assert any(m.startswith("STATUS=loading") for m in seen[:-1])  # progress shown while starting
         early_thread.join(60)
-        assert early["r"][1].reason == FR.FINISH_REASON_LENGTH and len(early["r"][0]) == 4
+        assert early["r"][2].reason == FR.FINISH_REASON_LENGTH and len(early["r"][0]) == 4
         assert not (tmp_path / "configured.sock").exists()
         tcp_stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{tcp.getsockname()[1]}"))
-        assert generate(tcp_stub, text="over tcp", max_new_tokens=3, ignore_eos=True)[1].reason == FR.FINISH_REASON_LENGTH
+        assert generate(tcp_stub, text="over tcp", max_new_tokens=3, ignore_eos=True)[2].reason == FR.FINISH_REASON_LENGTH
         _recv_until(notify, "WATCHDOG=1", seen, timeout=10)
         _recv_until(notify, "WATCHDOG=1", seen, timeout=10)
         # SIGHUP reopens the log file: after a rotation the next request line goes to a fresh file.
@@ -332,7 +361,7 @@ def test_mutual_tls_with_token_is_served(mtls_daemon, certs):
     stub = _tls_stub(mtls_daemon, certs[1], "client")
     info = stub.GetModel(pb.GetModelRequest(), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),))
     assert info.architecture == "llama"
-    ids, finished = generate(stub, metadata=(("authorization", f"Bearer {TOKEN}"),), text="secure", max_new_tokens=3,
+    ids, _, finished = generate(stub, metadata=(("authorization", f"Bearer {TOKEN}"),), text="secure", max_new_tokens=3,
                              ignore_eos=True)
     assert finished.reason == FR.FINISH_REASON_LENGTH and len(ids) == 3
 
@@ -365,7 +394,7 @@ def test_the_unix_socket_needs_no_token(mtls_daemon):
     assert mtls_daemon.stub().GetModel(pb.GetModelRequest(), timeout=10).architecture == "llama"
 
 
-def test_tls_without_client_certificates(tiny_bundle, certs, tmp_path):
+def test_tls_without_client_certificates(tiny_bundle, certs):
     folder, pems = certs
     d = DaemonThread(tiny_bundle, {"listen": {"unix": None, "tcp": "127.0.0.1:0"},
                                    "access": {"tls_cert": str(folder / "server_cert.pem"),
@@ -412,7 +441,7 @@ def metered(tiny_bundle, tmp_path_factory):
     d.stop()
 
 
-def test_limits(metered):
+def test_limits(metered, step_gate):
     stub = metered.stub()
     with pytest.raises(grpc.RpcError) as e:
         generate(stub, text="word " * 40, max_new_tokens=2)
@@ -424,30 +453,36 @@ def test_limits(metered):
     requests = iter([pb.SessionRequest(start=pb.StartRequest(id="a", request=pb.GenerateRequest(
                          text="a", max_new_tokens=100, ignore_eos=True))),
                      pb.SessionRequest(start=pb.StartRequest(id="b", request=pb.GenerateRequest(text="b", max_new_tokens=2)))])
-    gate = threading.Event()
+    gate = step_gate(metered)
+    gate.hold()
+    gate.allow(1)  # admit and prefill "a": its first token, then the engine waits with "a" running
+    a_started = threading.Event()
 
     def outgoing():
         yield next(requests)
-        gate.wait(30)  # the second start only once the first is generating
+        a_started.wait(30)  # the second start only once the first is generating
         yield next(requests)
 
-    errors, finished = [], []
+    errors, finished, a_tokens = [], [], 0
     for msg in stub.Session(outgoing(), timeout=60):
         if msg.HasField("tokens"):
-            gate.set()
+            a_tokens += len(msg.tokens.token_ids)
+            a_started.set()
         elif msg.HasField("error"):
             errors.append(msg)
+            assert finished == [] and metered.engine.running  # "a" was still running when "b" was turned away
+            gate.open()
         elif msg.HasField("finished"):
             finished.append(msg.id)
     assert [(m.id, m.error.code) for m in errors] == [("b", grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])]
     assert "limits.max_requests_per_connection" in errors[0].error.message
-    assert finished == ["a"]
+    assert finished == ["a"] and a_tokens == 100
 
 
 def test_metrics_endpoint_shows_requests(metered):
     stub = metered.stub()
     for _ in range(3):
-        assert generate(stub, text="count me", max_new_tokens=5, ignore_eos=True)[1].reason == FR.FINISH_REASON_LENGTH
+        assert generate(stub, text="count me", max_new_tokens=5, ignore_eos=True)[2].reason == FR.FINISH_REASON_LENGTH
     with pytest.raises(grpc.RpcError):
         generate(stub, text="")
     body = urllib.request.urlopen(f"http://{metered.daemon.metrics_address}/metrics", timeout=10).read().decode()

@@ -99,13 +99,20 @@ def test_mismatched_engine_is_refused(compiled, tmp_path):
         create_backend(load_bundle(compiled), parse_config({"engine": {"slots": 8}}))
 
 
-def test_daemon_serves_the_engine(compiled):
-    import grpc  # noqa: F401
-
+def test_daemon_serves_the_engine(compiled, tmp_path):
+    """A real daemon on the TensorRT backend answers a Generate over its Unix socket."""
+    from conftest import DaemonThread, generate
     from daemon.backends import create_backend
-    from daemon.bundle import load_bundle
-    from daemon.config import parse_config
+    from edgellm.v1 import edgellm_pb2 as pb
 
-    backend = create_backend(load_bundle(compiled), parse_config({"engine": {"slots": SLOTS}}))
-    assert backend.name == "tensorrt" and backend.cuda_graphs.startswith("captured")
-    backend.close()
+    d = DaemonThread(compiled, {"listen": {"unix": str(tmp_path / "s.sock")}, "engine": {"slots": SLOTS}},
+                     backend=create_backend).start()
+    try:
+        assert d.daemon.backend.name == "tensorrt" and d.daemon.backend.cuda_graphs.startswith("captured")
+        info = d.stub().GetModel(pb.GetModelRequest(), timeout=10)
+        assert info.backend == "tensorrt" and info.cuda_graphs.startswith("captured")
+        ids, _, finished = generate(d.stub(), text="hello", max_new_tokens=6, ignore_eos=True)
+        assert finished.reason == pb.FINISH_REASON_LENGTH and len(ids) == 6 == finished.usage.completion_tokens
+    finally:
+        d.stop()
+        d.daemon.backend.close()
