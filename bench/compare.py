@@ -9,12 +9,13 @@ Per precision, in --rounds rounds, each runtime right after the other within a r
 batch 1, greedy, end-of-sequence ignored, random prompt token ids from the same seed): decode tokens/s
 over --new-tokens after a --decode-prompt-tokens prompt, and prefill tokens/s of a --prefill-tokens
 prompt, for
-  edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees)
+  edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees); with
+                   --stream-interval-ms, also with its tokens batched that far apart
   edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop)
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
   ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits in edgellm's blocks,
                    accuracy level 4)
-and the ratios edgellm daemon / each other runtime (the median of each round's ratio). Everything it builds
+and the ratios of each edgellm daemon row to each other runtime (the median of each round's ratio). Everything it builds
 goes to .cache/bench/ (gitignored).
 """
 
@@ -150,12 +151,16 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
         except subprocess.CalledProcessError as e:
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
     rounds: list[dict[str, dict[str, float]]] = []
+    daemons = {"daemon": None}  # the daemon's rows: name -> the stream_interval_ms its requests ask for
+    if args.stream_interval_ms:
+        daemons[f"daemon {args.stream_interval_ms}ms"] = args.stream_interval_ms
     with serving(bundle_path) as address:
         for _ in range(args.rounds):
             r = {}
-            _, decode = through_daemon(address, decode_prompt, args.new_tokens)
-            r["daemon"] = {"decode_tokens_per_s": decode,
-                           "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2)[0]}
+            for row, interval in daemons.items():
+                _, decode = through_daemon(address, decode_prompt, args.new_tokens, interval)
+                r[row] = {"decode_tokens_per_s": decode, "prefill_tokens_per_s":
+                          args.prefill_tokens / through_daemon(address, prefill_prompt, 2, interval)[0]}
             r["direct"] = {"decode_tokens_per_s": direct(bundle, decode_prompt, args.new_tokens, 0)[1],
                            "prefill_tokens_per_s": args.prefill_tokens / direct(bundle, prefill_prompt, 2, 0)[0]}
             for runtime, f in files.items():
@@ -164,9 +169,11 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             rounds.append(r)
     table = {rt: {k: statistics.median(r[rt][k] for r in rounds) for k in rounds[0][rt]} for rt in rounds[0]}
     for rt in table:
-        for k in ("decode_tokens_per_s", "prefill_tokens_per_s"):
-            table[rt][k.replace("tokens_per_s", "ratio")] = statistics.median(
-                r["daemon"][k] / r[rt][k] for r in rounds)
+        if rt in daemons:
+            continue
+        for row in daemons:
+            for k in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+                table[rt][f"{row}/{k.split('_')[0]}"] = statistics.median(r[row][k] / r[rt][k] for r in rounds)
     return table
 
 
@@ -181,6 +188,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stream-interval-ms", type=int, default=0,
+                    help="also measure the daemon with its tokens batched this far apart (GenerateRequest.stream_interval_ms)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--no-accuracy-gate", action="store_true",
                     help="build edgellm bundles whatever their accuracy (random-weight models, e.g. llama-360m)")
@@ -207,10 +216,10 @@ def main() -> None:
     for precision, rows in table.items():
         print(f"{precision}:")
         for runtime, r in rows.items():
-            ratio = "" if runtime == "daemon" else (
-                f"   daemon/{runtime}: decode {r['decode_ratio']:.2f}x, prefill {r['prefill_ratio']:.2f}x")
-            print(f"  {runtime:10s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
-                  f"{r['prefill_tokens_per_s']:7.1f} tok/s{ratio}")
+            ratios = "".join(f"   {key.split('/')[0]}/{runtime}: decode {r[key]:.2f}x, prefill {r[key.replace('decode', 'prefill')]:.2f}x"
+                             for key in r if key.endswith("/decode"))
+            print(f"  {runtime:14s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
+                  f"{r['prefill_tokens_per_s']:7.1f} tok/s{ratios}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "table": table}, indent=1))
 

@@ -4,6 +4,7 @@ Both run the same bundle in the same run, one after the other, so the ratio show
 (scheduler, sampler, detokenizer, gRPC over a Unix socket) costs on top of the graph itself.
 
     python bench/daemon_overhead.py [--bundle B] [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
+                                    [--threads N] [--stream-interval-ms MS]
 
 Without --bundle it uses the demo model's bundle (built once if needed).
 """
@@ -94,10 +95,12 @@ def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[fl
         os.sched_setaffinity(0, before)
 
 
-def through_daemon(address: str, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def through_daemon(address: str, prompt: list[int], new_tokens: int,
+                   stream_interval_ms: int | None = None) -> tuple[float, float]:
     """(time to first token s, decode tokens/s) as a client sees them."""
     _, stub = connect(address)
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True)
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True,
+                             stream_interval_ms=stream_interval_ms)
     t0 = time.perf_counter()
     arrivals = []
     for msg in stub.Generate(req, timeout=600):
@@ -116,16 +119,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads, both sides (0: one per allowed CPU)")
+    ap.add_argument("--stream-interval-ms", type=int, default=0,
+                    help="also measure the daemon with its tokens batched this far apart")
     args = ap.parse_args()
     path = bundle_path(args.bundle)
     bundle = load_bundle(path, verify=False)
     prompt = random_prompt(bundle, args.prompt_tokens)
 
-    results = {"direct": [], "daemon": []}
+    daemons = {"daemon": 0, **({f"daemon {args.stream_interval_ms}ms": args.stream_interval_ms} if args.stream_interval_ms else {})}
+    results = {"direct": [], **{row: [] for row in daemons}}
     with serving(path, threads=args.threads) as address:
-        # Alternate so that both see the same machine state; the daemon idles while direct runs.
+        # Alternate so that all see the same machine state; the daemon idles while direct runs.
         for _ in range(args.repeats):
-            results["daemon"].append(through_daemon(address, prompt, args.new_tokens))
+            for row, interval in daemons.items():
+                results[row].append(through_daemon(address, prompt, args.new_tokens, interval))
             results["direct"].append(direct(bundle, prompt, args.new_tokens, args.threads))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
@@ -133,9 +140,10 @@ def main() -> None:
           f"new {args.new_tokens}, median of {args.repeats}")
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
     for k, (ttft, tps) in med.items():
-        print(f"  {k:7s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
-    print(f"  daemon/direct: decode tokens/s {med['daemon'][1] / med['direct'][1]:.3f}, "
-          f"time to first token {med['daemon'][0] / med['direct'][0]:.3f}")
+        print(f"  {k:12s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
+    for row in daemons:
+        print(f"  {row}/direct: decode tokens/s {med[row][1] / med['direct'][1]:.3f}, "
+              f"time to first token {med[row][0] / med['direct'][0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class GenerationConfig:
     max_stop_sequences: int = 16
     max_stop_length: int = 256  # characters per stop sequence
     max_buffered_chunks: int = 1024  # undelivered chunks per stream before a slow reader's requests are cancelled
+    stream_interval_ms: int = 0  # when a request leaves stream_interval_ms unset: 0 streams every token at once
 
 
 @dataclass
@@ -101,9 +102,11 @@ class Config:
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
-             "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1,
+             "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
              "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_requests_per_connection": 1,
              "service.drain_seconds": 0.0}
+MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
+_MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error")}
 
 
@@ -138,6 +141,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"'{key}' must be {base.__name__}, got {value!r}")
         if key in _MINIMUMS and value < _MINIMUMS[key]:
             raise ConfigError(f"'{key}' must be at least {_MINIMUMS[key]}, got {value}")
+        if key in _MAXIMUMS and value > _MAXIMUMS[key]:
+            raise ConfigError(f"'{key}' must be at most {_MAXIMUMS[key]}, got {value}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"'{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         values[name] = value

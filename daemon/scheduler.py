@@ -110,6 +110,7 @@ class Sequence:
     arrival: float = 0.0
     priority: Priority = Priority.NORMAL
     conversation: Conversation | None = None
+    stream_interval: float = 0.0  # seconds between chunks after the first token; 0: every token at once
     # Engine state.
     slot: int | None = None
     cached: int = 0  # tokens of prompt_ids + output_ids whose K/V are in the slot
@@ -124,6 +125,8 @@ class Sequence:
     cancel_message: str = ""
     sampler: Sampler | None = None
     text: TextStream | None = None
+    pending_chunk: TokenEvent | None = None  # tokens waiting for the stream interval to pass
+    last_chunk_at: float | None = None  # clock value of the last chunk handed to the sink
 
     def prefill_target(self) -> int:
         """Tokens that must be in the cache before decoding: the prompt, plus all outputs but the last
@@ -370,6 +373,7 @@ class Engine:
         slot = victim.slot
         victim.slot, victim.cached = None, 0  # its cache is overwritten: it re-prefills when resumed
         victim.preemptions += 1
+        self._send_pending_chunk(victim)  # what it generated so far is not kept from the client while it waits
         if victim.conversation is not None:
             conv = victim.conversation
             self.held.remove(conv)
@@ -434,23 +438,45 @@ class Engine:
         seq.output_ids.append(token)
         self.metrics.generated_tokens.inc()
         if not seq.ignore_eos and token in self.eos_ids:
-            self._emit(seq, TokenEvent([], seq.text.finish()))
+            self._emit(seq, TokenEvent([], seq.text.finish()), now)
             self._finish(seq, FinishReason.STOP)
             return
         delta, stopped = seq.text.push(token)
         lp = [(token, logprob, top)] if seq.sampling.logprobs else None
-        self._emit(seq, TokenEvent([token], delta, lp))
+        self._emit(seq, TokenEvent([token], delta, lp), now)
         if stopped:
             self._finish(seq, FinishReason.STOP, stop_sequence=seq.text.stopped_by or "")
         elif len(seq.output_ids) >= seq.max_new_tokens or seq.cached >= self.context_length:
-            self._emit(seq, TokenEvent([], seq.text.finish()))
+            self._emit(seq, TokenEvent([], seq.text.finish()), now)
             self._finish(seq, FinishReason.LENGTH)
 
-    def _emit(self, seq: Sequence, event: TokenEvent) -> None:
-        if event.token_ids or event.text:
+    def _emit(self, seq: Sequence, event: TokenEvent, now: float) -> None:
+        if not (event.token_ids or event.text):
+            return
+        if not seq.stream_interval:
             self._events.append((seq.sink, event))
+            return
+        # Batched streaming: every chunk costs the gRPC stack (and the client) the same CPU whatever its
+        # size, CPU that on a small box is taken from the model's threads.
+        pending = seq.pending_chunk
+        if pending is None:
+            seq.pending_chunk = event
+        else:
+            pending.token_ids += event.token_ids
+            pending.text += event.text
+            if event.logprobs:
+                pending.logprobs = [*(pending.logprobs or ()), *event.logprobs]
+        if seq.last_chunk_at is None or now - seq.last_chunk_at >= seq.stream_interval:
+            self._send_pending_chunk(seq, now)
+
+    def _send_pending_chunk(self, seq: Sequence, now: float | None = None) -> None:
+        if seq.pending_chunk is not None:
+            self._events.append((seq.sink, seq.pending_chunk))
+            seq.pending_chunk = None
+            seq.last_chunk_at = self.clock() if now is None else now
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str = "", message: str = "") -> None:
+        self._send_pending_chunk(seq)  # its pending chunk goes out before the end
         conv = seq.conversation
         if seq.slot is not None:
             if conv is not None and conv.slot == seq.slot:

@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from daemon.access import Connections, Peer
 from daemon.bundle import Bundle
-from daemon.config import GenerationConfig, LimitsConfig
+from daemon.config import MAX_STREAM_INTERVAL_MS, GenerationConfig, LimitsConfig
 from daemon.request_log import log_request
 from daemon.sampling import SamplingParams
 from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
@@ -182,6 +182,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             deadline = min(deadline or float("inf"), arrival + call_time_left)
         if req.priority not in _PRIORITIES:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {req.priority}")
+        interval_ms = req.stream_interval_ms if req.HasField("stream_interval_ms") else gen.stream_interval_ms
+        if interval_ms > MAX_STREAM_INTERVAL_MS:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {interval_ms}")
         ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req, conv)
         ctx = self.engine.context_length
         if self.limits.max_prompt_tokens and len(ids) > self.limits.max_prompt_tokens:
@@ -195,7 +198,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         else:
             max_new = min(gen.default_max_new_tokens, ctx - len(ids))
         return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
-                        priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None)
+                        priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None,
+                        stream_interval=interval_ms / 1000)
 
     def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None, peer: Peer, rid: str = "") -> None:
         """Queue seq in the engine, its events going to `events` (tagged with the request id on a Session).

@@ -51,6 +51,7 @@ class BenchReport:
     prompt_tokens: int
     new_tokens: int
     model: dict = field(default_factory=dict)
+    stream_interval_ms: int | None = None  # what the requests asked for; None: the server's default
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 29, threads: int = 0, repeats: int = 3) -> float:
@@ -74,20 +75,28 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: int, rows: i
     return weight_bytes + rows * kv_bytes_per_position * mean_positions
 
 
-async def _one_request(stub: pb_grpc.InferenceStub, prompt: list[int], new_tokens: int) -> tuple[float, list[float], int]:
-    """(time to first token, inter-token gaps, tokens) of one request."""
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True)
+async def _one_request(stub: pb_grpc.InferenceStub, prompt: list[int], new_tokens: int,
+                       stream_interval_ms: int | None) -> tuple[float, list[float], int]:
+    """(time to first token, inter-token gaps, tokens) of one request. A chunk of n tokens (stream_interval_ms)
+    gives each of them 1/n of the time since the previous chunk: the pace, not the zeros within a chunk."""
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True,
+                             stream_interval_ms=stream_interval_ms)
     t0 = time.perf_counter()
-    arrivals: list[float] = []
+    first, last, tokens = 0.0, 0.0, 0
+    gaps: list[float] = []
     async for msg in stub.Generate(req):
-        if msg.HasField("tokens") and msg.tokens.token_ids:
-            arrivals += [time.perf_counter()] * len(msg.tokens.token_ids)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return arrivals[0] - t0, gaps, len(arrivals)
+        if msg.HasField("tokens") and (n := len(msg.tokens.token_ids)):
+            now = time.perf_counter()
+            if tokens:
+                gaps += [(now - last) / n] * n
+            else:
+                first, gaps = now, [0.0] * (n - 1)
+            last, tokens = now, tokens + n
+    return first - t0, gaps, tokens
 
 
 async def run_level(address: str, concurrency: int, prompt_tokens: int, new_tokens: int, rounds: int,
-                    vocab_size: int) -> LevelResult:
+                    vocab_size: int, stream_interval_ms: int | None = None) -> LevelResult:
     rng = np.random.default_rng(concurrency)
     async with grpc.aio.insecure_channel(grpc_target(address)) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -96,7 +105,7 @@ async def run_level(address: str, concurrency: int, prompt_tokens: int, new_toke
             out = []
             for _ in range(rounds):
                 prompt = rng.integers(100, vocab_size - 100, prompt_tokens).tolist()
-                out.append(await _one_request(stub, prompt, new_tokens))
+                out.append(await _one_request(stub, prompt, new_tokens, stream_interval_ms))
             return out
 
         t0 = time.perf_counter()
@@ -110,7 +119,9 @@ async def run_level(address: str, concurrency: int, prompt_tokens: int, new_toke
                        pct(ttft, 50), pct(ttft, 99), pct(gaps, 50), pct(gaps, 99))
 
 
-def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int) -> BenchReport:
+def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int,
+              stream_interval_ms: int | None = None) -> BenchReport:
+    """stream_interval_ms: what the requests ask for (None: the server's default)."""
     channel = grpc.insecure_channel(grpc_target(address))
     info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=10)
     channel.close()
@@ -119,7 +130,8 @@ def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_toke
     bandwidth = measure_read_bandwidth()
     kv_per_position = info.kv_cache_bytes // max(1, info.slots * (info.context_length + 1))
     asyncio.run(run_level(address, 1, min(prompt_tokens, 8), 2, 1, info.vocab_size))  # warm-up
-    levels = [asyncio.run(run_level(address, c, prompt_tokens, new_tokens, rounds, info.vocab_size)) for c in concurrency]
+    levels = [asyncio.run(run_level(address, c, prompt_tokens, new_tokens, rounds, info.vocab_size, stream_interval_ms))
+              for c in concurrency]
     for r in levels:
         rows = min(r.concurrency, info.slots)
         step_bytes = decode_bytes_per_step(info.weight_bytes_per_token, kv_per_position, rows, prompt_tokens, new_tokens)
@@ -129,7 +141,7 @@ def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_toke
     model = {"architecture": info.hf_architecture, "precision": info.precision, "backend": info.backend,
              "slots": info.slots, "source": info.source}
     return BenchReport(levels, bandwidth / 1e9, info.weight_bytes_per_token, kv_per_position, prompt_tokens, new_tokens,
-                       model)
+                       model, stream_interval_ms)
 
 
 def format_results(report: BenchReport, as_json: bool) -> str:
@@ -140,7 +152,8 @@ def format_results(report: BenchReport, as_json: bool) -> str:
     lines = [f"{m.get('architecture', '?')} {m.get('precision', '?')} on {m.get('backend', '?')}; prompt "
              f"{report.prompt_tokens}, {report.new_tokens} new tokens; weights read per step "
              f"{report.weight_bytes_per_token / 1e6:.0f} MB, KV cache {report.kv_bytes_per_position / 1e3:.1f} kB per "
-             f"position; this machine reads {report.read_bandwidth_gb_s:.1f} GB/s",
+             f"position; this machine reads {report.read_bandwidth_gb_s:.1f} GB/s"
+             + (f"; chunks every {report.stream_interval_ms} ms" if report.stream_interval_ms else ""),
              f"{'streams':>7} {'requests':>8} {'total tok/s':>11} {'per stream':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
              f"{'ITL p50':>8} {'ITL p99':>8} {'GB/s':>6} {'roofline':>8}"]
     for r in results:

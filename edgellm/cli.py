@@ -257,7 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         return fail("bench", f"--concurrency must be a comma-separated list of positive integers, got {args.concurrency!r}", EXIT_USAGE)
     try:
-        results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds)
+        results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds, args.stream_interval_ms)
     except ValueError as e:
         return fail("bench", str(e), EXIT_USAGE)
     except grpc.RpcError as e:
@@ -330,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--prompt-tokens", type=int, default=128)
     n.add_argument("--new-tokens", type=int, default=128)
     n.add_argument("--rounds", type=int, default=2, help="requests per stream at each level (default: 2)")
+    n.add_argument("--stream-interval-ms", type=int, help="ask for tokens in chunks this far apart (default: the server's)")
     n.add_argument("--json", action="store_true", help="machine-readable output")
     n.add_argument("--plot", metavar="FILE.png", help="also draw throughput and latency to a PNG (needs matplotlib)")
     n.set_defaults(func=cmd_bench)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from daemon.bundle import load_bundle
-from edgellm.bench import decode_bytes_per_step, format_results, measure_read_bandwidth, plot_results, run_bench
+from edgellm.bench import (decode_bytes_per_step, format_results, measure_read_bandwidth, plot_results, run_bench,
+                           run_level)
 
 
 def test_bench_reports_bandwidth_against_the_roofline(daemon, tiny_bundle, tmp_path):
@@ -44,3 +46,12 @@ def test_bench_reports_bandwidth_against_the_roofline(daemon, tiny_bundle, tmp_p
 
 def test_read_bandwidth_is_bytes_over_time():
     assert 1e8 < measure_read_bandwidth(nbytes=1 << 24, threads=1) < 1e13
+
+
+def test_bench_paces_the_tokens_of_batched_chunks(daemon):
+    level = asyncio.run(run_level(daemon.daemon.addresses[0], 1, 4, 8, 1, daemon.daemon.tokenizer.vocab_size,
+                                  stream_interval_ms=1000))
+    assert level.requests == 1 and level.total_tokens_per_s > 0
+    # The first token alone, then (on this fast tiny model) the other 7 in one chunk: each of them gets
+    # a seventh of the wait for that chunk, not 0 ms.
+    assert level.itl_p50_ms > 0

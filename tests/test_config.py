@@ -26,6 +26,8 @@ def test_defaults_and_overrides(tmp_path):
     ({"engine": []}, "engine"),
     ({"listen": {"tcp": "localhost"}}, "listen.tcp"),  # addresses fail at parse time, not after the model load
     ({"service": {"metrics": "127.0.0.1:port"}}, "service.metrics"),
+    ({"generation": {"stream_interval_ms": 1001}}, "generation.stream_interval_ms"),
+    ({"generation": {"stream_interval_ms": -1}}, "generation.stream_interval_ms"),
 ])
 def test_bad_values_name_the_key(doc, key):
     with pytest.raises(ConfigError, match=f"'?{key}'?"):

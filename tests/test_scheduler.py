@@ -298,3 +298,54 @@ def test_stop_on_eos_and_metrics_use_the_clock():
     eng.step()
     assert rec.finished.reason == FinishReason.STOP
     assert eng.metrics.registry.get_sample_value("edgellm_requests_total", {"priority": "normal", "reason": "stop"}) == 1
+
+
+class ChunkRecorder(Recorder):
+    """A Recorder that also keeps each chunk's tokens and the clock when it was handed over."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.chunks: list[tuple[float, list[int]]] = []
+
+    def __call__(self, ev):
+        super().__call__(ev)
+        if isinstance(ev, TokenEvent):
+            self.chunks.append((self.clock(), list(ev.token_ids)))
+
+
+def test_stream_interval_batches_tokens_after_the_first_and_loses_none():
+    expected = alone([5, 6, 7], 13)
+    eng, clock = make_engine(slots=1)
+    rec = ChunkRecorder(clock)
+    eng.submit(Sequence([5, 6, 7], SamplingParams(temperature=0), 13, sink=rec, arrival=clock(), stream_interval=0.02))
+    while not rec.finished:
+        eng.step()
+        clock.t += 0.008  # an 8 ms step
+    assert rec.tokens == expected
+    # The first token at once; then a chunk once 20 ms have passed since the last (every third 8 ms step);
+    # the remainder with the end.
+    assert [len(tokens) for _, tokens in rec.chunks] == [1, 3, 3, 3, 3]
+    times = [t for t, _ in rec.chunks]
+    assert all(b - a >= 0.02 - 1e-9 for a, b in zip(times[:-1], times[1:-1]))
+
+
+def test_stream_interval_hands_over_held_tokens_on_cancel_and_preemption():
+    eng, clock = make_engine(slots=1)
+    rec = ChunkRecorder(clock)
+    s = Sequence([1, 2], SamplingParams(temperature=0), 40, sink=rec, arrival=clock(), stream_interval=10.0,
+                 priority=Priority.BACKGROUND)
+    eng.submit(s)
+    for _ in range(4):
+        eng.step()
+    assert len(s.output_ids) == 4 and rec.tokens == s.output_ids[:1]  # three held back
+    urgent, urgent_rec = seq([9], 2, clock, priority=Priority.INTERACTIVE)
+    eng.submit(urgent)
+    eng.step()  # the background request is paused: what it generated goes out while it waits
+    assert s.preemptions == 1 and rec.tokens == s.output_ids
+    run(eng, lambda: urgent_rec.finished)
+    run(eng, lambda: len(s.output_ids) >= 8)
+    eng.cancel(s)
+    eng.step()
+    assert rec.finished.reason == FinishReason.CANCELLED
+    assert rec.tokens == s.output_ids and rec.finished.completion_tokens == len(rec.tokens)

@@ -92,6 +92,30 @@ def test_logprobs_are_returned_when_asked(daemon):
         assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in c.logprobs)
 
 
+def test_stream_interval_sends_fewer_chunks_with_the_same_tokens(daemon):
+    stub = daemon.stub()
+    each, each_text, _ = generate(stub, text="count with me", max_new_tokens=12, ignore_eos=True)
+    msgs = list(stub.Generate(pb.GenerateRequest(text="count with me", max_new_tokens=12, ignore_eos=True,
+                                                 stream_interval_ms=1000), timeout=30))
+    chunks = [list(m.tokens.token_ids) for m in msgs if m.HasField("tokens")]
+    assert [t for c in chunks for t in c] == each
+    assert "".join(m.tokens.text for m in msgs if m.HasField("tokens")) == each_text
+    assert len(chunks[0]) == 1 and len(chunks) < len(each)  # the first token at once, the rest batched
+    assert msgs[-1].finished.usage.completion_tokens == 12
+
+
+def test_stream_interval_default_comes_from_the_config_and_zero_overrides_it(daemon, monkeypatch):
+    monkeypatch.setattr(daemon.config.generation, "stream_interval_ms", 1000)
+    stub = daemon.stub()
+
+    def chunks(**fields):
+        return [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=8, ignore_eos=True, **fields),
+                                         timeout=30) if m.HasField("tokens")]
+
+    assert len(chunks()) < 8  # unset: the server's 1000 ms
+    assert len(chunks(stream_interval_ms=0)) == 8  # an explicit 0: every token at once
+
+
 def test_session_concurrent_requests_with_one_cancelled(daemon, gate):
     stub = daemon.stub()
     alone = {}
@@ -145,6 +169,7 @@ BAD_REQUESTS = {
     "unknown chat role": dict(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content="hi")])),
     "empty stop sequence": dict(text="hi", stop=[""]),
     "negative deadline": dict(text="hi", deadline=Duration(seconds=-1)),
+    "stream interval above a second": dict(text="hi", stream_interval_ms=1001),
 }
 
 
