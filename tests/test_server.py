@@ -96,9 +96,12 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_tokens(daemon):
     stub = daemon.stub()
     each, each_text, _ = generate(stub, text="count with me", max_new_tokens=12, ignore_eos=True)
     msgs = list(stub.Generate(pb.GenerateRequest(text="count with me", max_new_tokens=12, ignore_eos=True,
-                                                 stream_interval_ms=1000), timeout=30))
+                                                 stream_interval_ms=1000, sampling=pb.SamplingParams(logprobs=1)),
+                              timeout=30))
     chunks = [list(m.tokens.token_ids) for m in msgs if m.HasField("tokens")]
     assert [t for c in chunks for t in c] == each
+    for m in msgs[:-1]:  # one logprob entry per token of its chunk
+        assert [lp.token_id for lp in m.tokens.logprobs] == list(m.tokens.token_ids)
     assert "".join(m.tokens.text for m in msgs if m.HasField("tokens")) == each_text
     assert len(chunks[0]) == 1 and len(chunks) < len(each)  # the first token at once, the rest batched
     assert msgs[-1].finished.usage.completion_tokens == 12
