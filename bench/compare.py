@@ -151,7 +151,7 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
         except subprocess.CalledProcessError as e:
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
     rounds: list[dict[str, dict[str, float]]] = []
-    daemons = {"daemon": None}  # the daemon's rows: name -> the stream_interval_ms its requests ask for
+    daemons = {"daemon": 0}  # the daemon's rows: name -> the stream_interval_ms its requests ask for
     if args.stream_interval_ms:
         daemons[f"daemon {args.stream_interval_ms}ms"] = args.stream_interval_ms
     with serving(bundle_path) as address:

@@ -256,6 +256,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         return fail("bench", f"--concurrency must be a comma-separated list of positive integers, got {args.concurrency!r}", EXIT_USAGE)
+    if args.stream_interval_ms is not None and args.stream_interval_ms < 0:
+        return fail("bench", f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}", EXIT_USAGE)
     try:
         results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds, args.stream_interval_ms)
     except ValueError as e:

@@ -92,6 +92,16 @@ def test_chat_without_a_daemon_says_so(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--concurrency", "0"], "--concurrency"),
+    (["--stream-interval-ms", "-5"], "--stream-interval-ms must be >= 0"),
+])
+def test_bench_usage_errors_are_messages(args, needle, tmp_path):
+    result = run("bench", "--address", str(tmp_path / "nobody.sock"), *args, timeout=60)
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
 def test_tampered_bundle_is_refused_naming_the_file(tiny_bundle, tmp_path):
     bundle = tmp_path / "tampered"
     shutil.copytree(tiny_bundle, bundle)
