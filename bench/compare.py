@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon_overhead import direct, random_prompt, serving, through_daemon  # noqa: E402
+from daemon_overhead import daemon_rows, direct, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
@@ -151,9 +151,7 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
         except subprocess.CalledProcessError as e:
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
     rounds: list[dict[str, dict[str, float]]] = []
-    daemons = {"daemon": 0}  # the daemon's rows: name -> the stream_interval_ms its requests ask for
-    if args.stream_interval_ms:
-        daemons[f"daemon {args.stream_interval_ms}ms"] = args.stream_interval_ms
+    daemons = daemon_rows(args.stream_interval_ms)
     with serving(bundle_path) as address:
         for _ in range(args.rounds):
             r = {}

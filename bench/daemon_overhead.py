@@ -95,6 +95,12 @@ def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[fl
         os.sched_setaffinity(0, before)
 
 
+def daemon_rows(stream_interval_ms: int) -> dict[str, int]:
+    """The daemon's rows of a comparison: name -> the stream_interval_ms its requests ask for (per token, and
+    batched when asked)."""
+    return {"daemon": 0, **({f"daemon {stream_interval_ms}ms": stream_interval_ms} if stream_interval_ms else {})}
+
+
 def through_daemon(address: str, prompt: list[int], new_tokens: int,
                    stream_interval_ms: int | None = None) -> tuple[float, float]:
     """(time to first token s, decode tokens/s) as a client sees them."""
@@ -126,7 +132,7 @@ def main() -> None:
     bundle = load_bundle(path, verify=False)
     prompt = random_prompt(bundle, args.prompt_tokens)
 
-    daemons = {"daemon": 0, **({f"daemon {args.stream_interval_ms}ms": args.stream_interval_ms} if args.stream_interval_ms else {})}
+    daemons = daemon_rows(args.stream_interval_ms)
     results = {"direct": [], **{row: [] for row in daemons}}
     with serving(path, threads=args.threads) as address:
         # Alternate so that all see the same machine state; the daemon idles while direct runs.

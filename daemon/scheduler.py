@@ -348,7 +348,7 @@ class Engine:
                     slot = conv.slot
                 elif self.free_slots:
                     slot = self.free_slots.pop(0)
-                elif (slot := self._evict_idle_conversation()) is None and (slot := self._preempt_below(seq.priority)) is None:
+                elif (slot := self._evict_idle_conversation()) is None and (slot := self._preempt_below(seq.priority, now)) is None:
                     break
                 self._waiting.remove(seq)
                 self._place(seq, slot, now)
@@ -363,7 +363,7 @@ class Engine:
         log.info("evicted the cache of idle conversation %s", victim.id)
         return self.free_slots.pop(0)
 
-    def _preempt_below(self, priority: Priority) -> int | None:
+    def _preempt_below(self, priority: Priority, now: float) -> int | None:
         """Pause the latest-arrived running sequence of the lowest class below `priority`; its slot is taken."""
         lower = [s for s in self.running if s.priority > priority]
         if not lower:
@@ -373,7 +373,7 @@ class Engine:
         slot = victim.slot
         victim.slot, victim.cached = None, 0  # its cache is overwritten: it re-prefills when resumed
         victim.preemptions += 1
-        self._send_pending_chunk(victim)  # what it generated so far is not kept from the client while it waits
+        self._send_pending_chunk(victim, now)  # what it generated so far is not kept from the client while it waits
         if victim.conversation is not None:
             conv = victim.conversation
             self.held.remove(conv)
@@ -469,20 +469,21 @@ class Engine:
         if seq.last_chunk_at is None or now - seq.last_chunk_at >= seq.stream_interval:
             self._send_pending_chunk(seq, now)
 
-    def _send_pending_chunk(self, seq: Sequence, now: float | None = None) -> None:
+    def _send_pending_chunk(self, seq: Sequence, now: float) -> None:
         if seq.pending_chunk is not None:
             self._events.append((seq.sink, seq.pending_chunk))
             seq.pending_chunk = None
-            seq.last_chunk_at = self.clock() if now is None else now
+            seq.last_chunk_at = now
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_sequence: str = "", message: str = "") -> None:
-        self._send_pending_chunk(seq)  # its pending chunk goes out before the end
+        end = self.clock()
+        self._send_pending_chunk(seq, end)  # its pending chunk goes out before the end
         conv = seq.conversation
         if seq.slot is not None:
             if conv is not None and conv.slot == seq.slot:
                 # Keep the cache for the next turn: it holds prompt + outputs up to what was computed.
                 conv.tokens = [seq.token_at(i) for i in range(seq.cached)]
-                conv.busy, conv.evicted, conv.last_used = False, False, self.clock()
+                conv.busy, conv.evicted, conv.last_used = False, False, end
                 if conv.close_requested:
                     self._release(conv)
             else:
@@ -490,7 +491,6 @@ class Engine:
             seq.slot = None
         if seq in self.running:
             self.running.remove(seq)
-        end = self.clock()
         started = seq.started if seq.started is not None else end
         self.metrics.requests.labels(seq.priority.name.lower(), reason.value).inc()
         self.class_metrics[seq.priority].request_duration.observe(end - seq.arrival)
