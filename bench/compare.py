@@ -9,8 +9,10 @@ Per precision, in --rounds rounds, each runtime right after the other within a r
 batch 1, greedy, end-of-sequence ignored, random prompt token ids from the same seed): decode tokens/s
 over --new-tokens after a --decode-prompt-tokens prompt, and prefill tokens/s of a --prefill-tokens
 prompt, for
-  edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees); with
-                   --stream-interval-ms, also with its tokens batched that far apart
+  edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees): with the
+                   server's default stream interval ("auto": 25 ms chunks where the model fills every core),
+                   with every token streamed at once ("daemon per token"), and with --stream-interval-ms,
+                   with requests asking for that interval
   edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop)
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
   ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits in edgellm's blocks,
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon_overhead import daemon_rows, direct, random_prompt, serving, through_daemon  # noqa: E402
+from daemon_overhead import daemon_rows, default_interval_line, direct, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
@@ -153,6 +155,7 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
     rounds: list[dict[str, dict[str, float]]] = []
     daemons = daemon_rows(args.stream_interval_ms)
     with serving(bundle_path) as address:
+        print(f"  {default_interval_line(address)}", flush=True)
         for _ in range(args.rounds):
             r = {}
             for row, interval in daemons.items():
@@ -187,7 +190,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--stream-interval-ms", type=int, default=0,
-                    help="also measure the daemon with its tokens batched this far apart (GenerateRequest.stream_interval_ms)")
+                    help="also measure the daemon with its requests asking for tokens batched this far apart "
+                         "(GenerateRequest.stream_interval_ms)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--no-accuracy-gate", action="store_true",
                     help="build edgellm bundles whatever their accuracy (random-weight models, e.g. llama-360m)")
@@ -216,7 +220,7 @@ def main() -> None:
         for runtime, r in rows.items():
             ratios = "".join(f"   {key.split('/')[0]}/{runtime}: decode {r[key]:.2f}x, prefill {r[key.replace('decode', 'prefill')]:.2f}x"
                              for key in r if key.endswith("/decode"))
-            print(f"  {runtime:14s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
+            print(f"  {runtime:18s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
                   f"{r['prefill_tokens_per_s']:7.1f} tok/s{ratios}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "table": table}, indent=1))

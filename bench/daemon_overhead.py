@@ -95,10 +95,18 @@ def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[fl
         os.sched_setaffinity(0, before)
 
 
-def daemon_rows(stream_interval_ms: int) -> dict[str, int]:
-    """The daemon's rows of a comparison: name -> the stream_interval_ms its requests ask for (per token, and
-    batched when asked)."""
-    return {"daemon": 0, **({f"daemon {stream_interval_ms}ms": stream_interval_ms} if stream_interval_ms else {})}
+def daemon_rows(stream_interval_ms: int) -> dict[str, int | None]:
+    """The daemon's rows of a comparison: name -> the stream_interval_ms its requests ask for: unset (the
+    server's default), 0 (every token at once), and this far apart when asked."""
+    return {"daemon": None, "daemon per token": 0,
+            **({f"daemon {stream_interval_ms}ms": stream_interval_ms} if stream_interval_ms else {})}
+
+
+def default_interval_line(address: str) -> str:
+    """What the "daemon" row's requests get: the server's default stream interval (ModelInfo)."""
+    _, stub = connect(address)
+    ms = stub.GetModel(pb.GetModelRequest(), timeout=10).stream_interval_ms
+    return f"daemon = the server's default: {f'tokens in chunks every {ms} ms' if ms else 'every token at once'}"
 
 
 def through_daemon(address: str, prompt: list[int], new_tokens: int,
@@ -126,7 +134,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads, both sides (0: one per allowed CPU)")
     ap.add_argument("--stream-interval-ms", type=int, default=0,
-                    help="also measure the daemon with its tokens batched this far apart")
+                    help="also measure the daemon with its requests asking for tokens batched this far apart")
     args = ap.parse_args()
     path = bundle_path(args.bundle)
     bundle = load_bundle(path, verify=False)
@@ -135,6 +143,7 @@ def main() -> None:
     daemons = daemon_rows(args.stream_interval_ms)
     results = {"direct": [], **{row: [] for row in daemons}}
     with serving(path, threads=args.threads) as address:
+        default_line = default_interval_line(address)
         # Alternate so that all see the same machine state; the daemon idles while direct runs.
         for _ in range(args.repeats):
             for row, interval in daemons.items():
@@ -143,10 +152,10 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
           f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "
-          f"new {args.new_tokens}, median of {args.repeats}")
+          f"new {args.new_tokens}, median of {args.repeats}; {default_line}")
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
     for k, (ttft, tps) in med.items():
-        print(f"  {k:12s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
+        print(f"  {k:16s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
     for row in daemons:
         print(f"  {row}/direct: decode tokens/s {med[row][1] / med['direct'][1]:.3f}, "
               f"time to first token {med[row][0] / med['direct'][0]:.3f}")

@@ -66,6 +66,7 @@ class OnnxBackend:
         if worker_affinities:  # see daemon/thread_placement.py
             so.add_session_config_entry("session.intra_op_thread_affinities", worker_affinities)
         self.session = ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
+        self.threads = so.intra_op_num_threads  # CPU threads a step keeps busy (the caller's included)
         dtype = _NP_DTYPES[layout.dtype]
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)
         self.cache = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(layout.num_layers)]

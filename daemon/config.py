@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -56,7 +56,9 @@ class GenerationConfig:
     max_stop_sequences: int = 16
     max_stop_length: int = 256  # characters per stop sequence
     max_buffered_chunks: int = 1024  # undelivered chunks per stream before a slow reader's requests are cancelled
-    stream_interval_ms: int = 0  # when a request leaves stream_interval_ms unset: 0 streams every token at once
+    # When a request leaves stream_interval_ms unset: 0 streams every token at once; "auto" batches tokens
+    # where per-token messages would slow the step (see daemon/thread_placement.py) and streams each otherwise.
+    stream_interval_ms: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -124,11 +126,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value if value is not None else {}, key + ".")
             continue
-        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if value is None and type(None) in allowed:
-            values[name] = None
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        words = [w for t in allowed if typing.get_origin(t) is Literal for w in typing.get_args(t)]
+        if (value is None and type(None) in allowed) or value in words:
+            values[name] = value
             continue
-        base = next(t for t in allowed if t is not type(None))
+        base = next(t for t in allowed if t is not type(None) and typing.get_origin(t) is not Literal)
         if typing.get_origin(base) is list:  # e.g. list[int]: a YAML list of that type
             item = typing.get_args(base)[0]
             if not isinstance(value, list) or any(not isinstance(v, item) or isinstance(v, bool) for v in value):
@@ -138,7 +141,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-            raise ConfigError(f"'{key}' must be {base.__name__}, got {value!r}")
+            raise ConfigError(f"'{key}' must be {' or '.join([base.__name__, *map(repr, words)])}, got {value!r}")
         if key in _MINIMUMS and value < _MINIMUMS[key]:
             raise ConfigError(f"'{key}' must be at least {_MINIMUMS[key]}, got {value}")
         if key in _MAXIMUMS and value > _MAXIMUMS[key]:

@@ -29,7 +29,8 @@ from daemon.request_log import reopen_log_files
 from daemon.scheduler import Engine, decode_shapes
 from daemon.server import InferenceService
 from daemon.systemd import Notifier, listen_sockets
-from daemon.thread_placement import ThreadPlacement, default_placement, pin_current_thread
+from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
+                                     pin_current_thread)
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
 from edgellm.v1 import edgellm_pb2 as pb
@@ -38,14 +39,23 @@ from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 log = logging.getLogger("edgellm.daemon")
 
 
-def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int, cuda_graphs: str = "") -> pb.ModelInfo:
+def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int, cuda_graphs: str = "",
+               stream_interval_ms: int = 0) -> pb.ModelInfo:
     m = bundle.model
     return pb.ModelInfo(
         architecture=m["architecture"], hf_architecture=m["hf_architecture"],
         source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
         backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
         vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes, cuda_graphs=cuda_graphs,
-        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
+        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0),
+        stream_interval_ms=stream_interval_ms)
+
+
+def default_stream_interval_ms(setting: int | str, backend) -> int:
+    """generation.stream_interval_ms with "auto" resolved for this backend's threads and this process's CPUs."""
+    if setting != "auto":
+        return setting
+    return auto_stream_interval_ms(getattr(backend, "threads", 0), len(allowed_cpus()))
 
 
 def prepare_unix_socket(path: str) -> None:
@@ -108,10 +118,11 @@ class Daemon:
             pin_current_thread(self.placement.service_cpu)
         connections = Connections()
         self.engine.start()
+        stream_interval_ms = default_stream_interval_ms(cfg.generation.stream_interval_ms, self.backend)
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
-                          getattr(self.backend, "cuda_graphs", ""))
+                          getattr(self.backend, "cuda_graphs", ""), stream_interval_ms)
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
-                                        connections)
+                                        connections, stream_interval_ms)
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         limit = cfg.limits.max_message_bytes
@@ -138,6 +149,9 @@ class Daemon:
         self._set_serving(True)
         log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
                  f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
+        log.info("streaming: %s by default (generation.stream_interval_ms: %s)",
+                 f"tokens batched {stream_interval_ms} ms apart after the first" if stream_interval_ms else "every token at once",
+                 cfg.generation.stream_interval_ms)
 
     def _listeners(self) -> list[socket.socket]:
         """Sockets inherited from systemd replace the configured ones of the same kind (Unix, TCP)."""

@@ -51,7 +51,8 @@ class BenchReport:
     prompt_tokens: int
     new_tokens: int
     model: dict = field(default_factory=dict)
-    stream_interval_ms: int | None = None  # what the requests asked for; None: the server's default
+    stream_interval_ms: int = 0  # the requests' tokens came in chunks this far apart (0: every token at once)
+    stream_interval_default: bool = True  # ... because the requests left it to the server's default
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 29, threads: int = 0, repeats: int = 3) -> float:
@@ -141,7 +142,8 @@ def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_toke
     model = {"architecture": info.hf_architecture, "precision": info.precision, "backend": info.backend,
              "slots": info.slots, "source": info.source}
     return BenchReport(levels, bandwidth / 1e9, info.weight_bytes_per_token, kv_per_position, prompt_tokens, new_tokens,
-                       model, stream_interval_ms)
+                       model, info.stream_interval_ms if stream_interval_ms is None else stream_interval_ms,
+                       stream_interval_ms is None)
 
 
 def format_results(report: BenchReport, as_json: bool) -> str:
@@ -153,7 +155,8 @@ def format_results(report: BenchReport, as_json: bool) -> str:
              f"{report.prompt_tokens}, {report.new_tokens} new tokens; weights read per step "
              f"{report.weight_bytes_per_token / 1e6:.0f} MB, KV cache {report.kv_bytes_per_position / 1e3:.1f} kB per "
              f"position; this machine reads {report.read_bandwidth_gb_s:.1f} GB/s"
-             + (f"; chunks every {report.stream_interval_ms} ms" if report.stream_interval_ms else ""),
+             + (f"; tokens in chunks every {report.stream_interval_ms} ms" if report.stream_interval_ms else "; every token streamed")
+             + (" (the server's default)" if report.stream_interval_default else ""),
              f"{'streams':>7} {'requests':>8} {'total tok/s':>11} {'per stream':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
              f"{'ITL p50':>8} {'ITL p99':>8} {'GB/s':>6} {'roofline':>8}"]
     for r in results:

@@ -65,6 +65,8 @@ class DaemonThread:
 
     def __init__(self, bundle_path: Path, config: dict, backend: Callable | None = None):
         """backend(bundle, config) -> a loaded backend; by default ONNX Runtime on the CPU with one thread."""
+        # Tests count messages: every token streamed at once unless a test asks for more.
+        config.setdefault("generation", {}).setdefault("stream_interval_ms", 0)
         self.config = parse_config(config)
         self.bundle = load_bundle(bundle_path)
         self._make_backend = backend or (lambda bundle, cfg: create_cpu_backend(bundle, cfg.engine.slots, threads=1))

@@ -37,6 +37,9 @@ def test_bench_reports_bandwidth_against_the_roofline(daemon, tiny_bundle, tmp_p
         assert level.roofline_tokens_per_s == pytest.approx(report.read_bandwidth_gb_s * 1e9 / step_bytes * level.concurrency)
     text = format_results(report, as_json=False)
     assert "roofline" in text and "GB/s" in text
+    # The requests left the interval unset: the report names the server's default (0 on the test daemon).
+    assert (report.stream_interval_ms, report.stream_interval_default) == (0, True)
+    assert "every token streamed (the server's default)" in text
     parsed = json.loads(format_results(report, as_json=True))
     assert [lv["concurrency"] for lv in parsed["levels"]] == [1, 2] and parsed["weight_bytes_per_token"] > 0
     pytest.importorskip("matplotlib")
@@ -55,3 +58,9 @@ def test_bench_paces_the_tokens_of_batched_chunks(daemon):
     # The first token alone, then (on this fast tiny model) the other 7 in one chunk: each of them gets
     # a seventh of the wait for that chunk, not 0 ms.
     assert level.itl_p50_ms > 0
+
+
+def test_bench_reports_the_interval_the_requests_asked_for(daemon):
+    report = run_bench(daemon.daemon.addresses[0], [1], prompt_tokens=4, new_tokens=4, rounds=1, stream_interval_ms=30)
+    assert (report.stream_interval_ms, report.stream_interval_default) == (30, False)
+    assert format_results(report, as_json=False).splitlines()[0].endswith("tokens in chunks every 30 ms")

@@ -13,6 +13,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.listen.tcp == "127.0.0.1:50051"
     assert cfg.listen.unix  # the default socket stays on
     assert cfg.generation.default_max_new_tokens == 512
+    assert cfg.generation.stream_interval_ms == "auto"
+    assert parse_config({"generation": {"stream_interval_ms": 40}}).generation.stream_interval_ms == 40
 
 
 @pytest.mark.parametrize("doc, key", [
@@ -28,6 +30,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"service": {"metrics": "127.0.0.1:port"}}, "service.metrics"),
     ({"generation": {"stream_interval_ms": 1001}}, "generation.stream_interval_ms"),
     ({"generation": {"stream_interval_ms": -1}}, "generation.stream_interval_ms"),
+    ({"generation": {"stream_interval_ms": "fast"}}, "generation.stream_interval_ms"),
 ])
 def test_bad_values_name_the_key(doc, key):
     with pytest.raises(ConfigError, match=f"'?{key}'?"):

@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import TINY_CONTEXT, DaemonThread, StepGate, cancel_reached_engine, generate, wait_until
+from daemon.backend_onnx import create_cpu_backend
+from daemon.thread_placement import allowed_cpus, auto_stream_interval_ms
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
@@ -107,8 +109,8 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_tokens(daemon):
     assert msgs[-1].finished.usage.completion_tokens == 12
 
 
-def test_stream_interval_default_comes_from_the_config_and_zero_overrides_it(daemon, monkeypatch):
-    monkeypatch.setattr(daemon.config.generation, "stream_interval_ms", 1000)
+def test_stream_interval_default_comes_from_the_server_and_zero_overrides_it(daemon, monkeypatch):
+    monkeypatch.setattr(daemon.daemon.service, "stream_interval_ms", 1000)
     stub = daemon.stub()
 
     def chunks(**fields):
@@ -117,6 +119,21 @@ def test_stream_interval_default_comes_from_the_config_and_zero_overrides_it(dae
 
     assert len(chunks()) < 8  # unset: the server's 1000 ms
     assert len(chunks(stream_interval_ms=0)) == 8  # an explicit 0: every token at once
+
+
+@pytest.mark.parametrize("threads", [1, len(allowed_cpus())])
+def test_auto_stream_interval_follows_the_backend_threads(tiny_bundle, tmp_path, threads):
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "generation": {"stream_interval_ms": "auto"}},
+                     backend=lambda bundle, cfg: create_cpu_backend(bundle, cfg.engine.slots, threads=threads)).start()
+    try:
+        stub = d.stub()
+        expected = auto_stream_interval_ms(threads, len(allowed_cpus()))
+        assert stub.GetModel(pb.GetModelRequest()).stream_interval_ms == expected
+        assert d.daemon.service.stream_interval_ms == expected
+        if threads == len(allowed_cpus()):
+            assert expected == 25  # the step fills every CPU: batched by default
+    finally:
+        d.stop()
 
 
 def test_session_concurrent_requests_with_one_cancelled(daemon, gate):

@@ -251,7 +251,7 @@ class RequestError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "hf_architecture", "source", "precision", "backend", "context_length", "slots", "bundle_id", "vocab_size", "num_layers", "kv_cache_bytes", "edgellm_version", "cuda_graphs", "weight_bytes_per_token")
+    __slots__ = ("architecture", "hf_architecture", "source", "precision", "backend", "context_length", "slots", "bundle_id", "vocab_size", "num_layers", "kv_cache_bytes", "edgellm_version", "cuda_graphs", "weight_bytes_per_token", "stream_interval_ms")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HF_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class ModelInfo(_message.Message):
     EDGELLM_VERSION_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     hf_architecture: str
     source: str
@@ -280,4 +281,5 @@ class ModelInfo(_message.Message):
     edgellm_version: str
     cuda_graphs: str
     weight_bytes_per_token: int
-    def __init__(self, architecture: _Optional[str] = ..., hf_architecture: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., context_length: _Optional[int] = ..., slots: _Optional[int] = ..., bundle_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., edgellm_version: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., weight_bytes_per_token: _Optional[int] = ...) -> None: ...
+    stream_interval_ms: int
+    def __init__(self, architecture: _Optional[str] = ..., hf_architecture: _Optional[str] = ..., source: _Optional[str] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., context_length: _Optional[int] = ..., slots: _Optional[int] = ..., bundle_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., edgellm_version: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., weight_bytes_per_token: _Optional[int] = ..., stream_interval_ms: _Optional[int] = ...) -> None: ...
