@@ -130,8 +130,14 @@ def test_auto_stream_interval_follows_the_backend_threads(tiny_bundle, tmp_path,
         expected = auto_stream_interval_ms(threads, len(allowed_cpus()))
         assert stub.GetModel(pb.GetModelRequest()).stream_interval_ms == expected
         assert d.daemon.service.stream_interval_ms == expected
+        msgs = [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=40, ignore_eos=True), timeout=30)
+                if m.HasField("tokens")]
+        assert sum(len(m.tokens.token_ids) for m in msgs) == 40
         if threads == len(allowed_cpus()):
             assert expected == 25  # the step fills every CPU: batched by default
+            assert len(msgs) < 40
+        else:
+            assert len(msgs) == 40
     finally:
         d.stop()
 
