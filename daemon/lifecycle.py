@@ -122,7 +122,7 @@ class Daemon:
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
                           getattr(self.backend, "cuda_graphs", ""), stream_interval_ms)
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
-                                        connections, stream_interval_ms)
+                                        connections)
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         limit = cfg.limits.max_message_bytes

@@ -102,14 +102,11 @@ def finished_message(ev: FinishEvent) -> pb.Finished:
 
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, tokenizer: Tokenizer, bundle: Bundle, generation: GenerationConfig,
-                 model_info: pb.ModelInfo, limits: LimitsConfig | None = None, connections: Connections | None = None,
-                 stream_interval_ms: int = 0):
-        """stream_interval_ms: for requests that leave it unset (generation.stream_interval_ms, "auto" resolved)."""
+                 model_info: pb.ModelInfo, limits: LimitsConfig | None = None, connections: Connections | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.bundle = bundle
         self.generation = generation
-        self.stream_interval_ms = stream_interval_ms
         self.model_info = model_info
         self.limits = limits or LimitsConfig()
         self.connections = connections or Connections()
@@ -185,7 +182,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             deadline = min(deadline or float("inf"), arrival + call_time_left)
         if req.priority not in _PRIORITIES:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {req.priority}")
-        interval_ms = req.stream_interval_ms if req.HasField("stream_interval_ms") else self.stream_interval_ms
+        interval_ms = req.stream_interval_ms if req.HasField("stream_interval_ms") else self.model_info.stream_interval_ms
         if interval_ms > MAX_STREAM_INTERVAL_MS:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {interval_ms}")
         ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req, conv)

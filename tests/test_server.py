@@ -109,16 +109,20 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_tokens(daemon):
     assert msgs[-1].finished.usage.completion_tokens == 12
 
 
-def test_stream_interval_default_comes_from_the_server_and_zero_overrides_it(daemon, monkeypatch):
-    monkeypatch.setattr(daemon.daemon.service, "stream_interval_ms", 1000)
+def test_stream_interval_default_comes_from_the_server_and_zero_overrides_it(daemon):
+    info = daemon.daemon.service.model_info  # the server's default, as GetModel reports it
+    info.stream_interval_ms = 1000
     stub = daemon.stub()
 
     def chunks(**fields):
         return [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=8, ignore_eos=True, **fields),
                                          timeout=30) if m.HasField("tokens")]
 
-    assert len(chunks()) < 8  # unset: the server's 1000 ms
-    assert len(chunks(stream_interval_ms=0)) == 8  # an explicit 0: every token at once
+    try:
+        assert len(chunks()) < 8  # unset: the server's 1000 ms
+        assert len(chunks(stream_interval_ms=0)) == 8  # an explicit 0: every token at once
+    finally:
+        info.stream_interval_ms = 0
 
 
 @pytest.mark.parametrize("threads", [1, len(allowed_cpus())])
@@ -129,7 +133,7 @@ def test_auto_stream_interval_follows_the_backend_threads(tiny_bundle, tmp_path,
         stub = d.stub()
         expected = auto_stream_interval_ms(threads, len(allowed_cpus()))
         assert stub.GetModel(pb.GetModelRequest()).stream_interval_ms == expected
-        assert d.daemon.service.stream_interval_ms == expected
+        assert d.daemon.service.model_info.stream_interval_ms == expected
         msgs = [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=40, ignore_eos=True), timeout=30)
                 if m.HasField("tokens")]
         assert sum(len(m.tokens.token_ids) for m in msgs) == 40
