@@ -5,15 +5,16 @@
     .venv-bench/bin/python bench/make_llama360m.py       # once: the ~360M random-weight Llama
     .venv/bin/python bench/compare.py --model .cache/bench/llama-360m --no-accuracy-gate
 
-Per precision, in --rounds rounds, each runtime right after the other within a round (2 threads each,
-batch 1, greedy, end-of-sequence ignored, random prompt token ids from the same seed): decode tokens/s
-over --new-tokens after a --decode-prompt-tokens prompt, and prefill tokens/s of a --prefill-tokens
-prompt, for
+Per precision, in --rounds rounds, each runtime right after the other within a round (every other
+round in reverse order; 2 threads each, batch 1, greedy, end-of-sequence ignored, random prompt token
+ids from the same seed): decode tokens/s over --new-tokens after a --decode-prompt-tokens prompt, and
+prefill tokens/s of a --prefill-tokens prompt, for
   edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees): with the
                    server's default stream interval ("auto": 25 ms chunks where the model fills every core),
                    with every token streamed at once ("daemon per token"), and with --stream-interval-ms,
                    with requests asking for that interval
-  edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop)
+  edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop, on one
+                   session kept for the whole run, as the daemon keeps its own)
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
   ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits in edgellm's blocks,
                    accuracy level 4)
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon_overhead import daemon_rows, default_interval_line, direct, random_prompt, serving, through_daemon  # noqa: E402
+from daemon_overhead import DirectLoop, daemon_rows, default_interval_line, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
@@ -139,8 +140,9 @@ def worker(runtime: str, model: Path, prompt: int, new: int) -> dict[str, float]
 
 def measure(model: Path, name: str, precision: str, others: list[str], args) -> dict[str, dict[str, float]]:
     """Rounds in which every runtime runs the decode and the prefill workload once, one right after the
-    other: figures are medians over rounds, and each ratio is the median of the ratios within a round
-    (on a shared machine whose speed drifts over minutes, only runs seconds apart compare fairly)."""
+    other (every other round in reverse order): figures are medians over rounds, and each ratio is the
+    median of the ratios within a round (on a shared machine whose speed drifts over minutes, only runs
+    seconds apart compare fairly)."""
     bundle_path = edgellm_bundle(model, name, precision, not args.no_accuracy_gate)
     bundle = load_bundle(bundle_path, verify=False)
     decode_prompt, prefill_prompt = random_prompt(bundle, args.decode_prompt_tokens), random_prompt(bundle, args.prefill_tokens)
@@ -154,20 +156,28 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
     rounds: list[dict[str, dict[str, float]]] = []
     daemons = daemon_rows(args.stream_interval_ms)
+    loop = DirectLoop(bundle)
     with serving(bundle_path) as address:
         print(f"  {default_interval_line(address)}", flush=True)
-        for _ in range(args.rounds):
-            r = {}
-            for row, interval in daemons.items():
-                _, decode = through_daemon(address, decode_prompt, args.new_tokens, interval)
-                r[row] = {"decode_tokens_per_s": decode, "prefill_tokens_per_s":
-                          args.prefill_tokens / through_daemon(address, prefill_prompt, 2, interval)[0]}
-            r["direct"] = {"decode_tokens_per_s": direct(bundle, decode_prompt, args.new_tokens, 0)[1],
-                           "prefill_tokens_per_s": args.prefill_tokens / direct(bundle, prefill_prompt, 2, 0)[0]}
-            for runtime, f in files.items():
-                r[runtime] = {"decode_tokens_per_s": worker(runtime, f, args.decode_prompt_tokens, args.new_tokens)["decode_tokens_per_s"],
-                              "prefill_tokens_per_s": worker(runtime, f, args.prefill_tokens, PREFILL_NEW[runtime])["prefill_tokens_per_s"]}
-            rounds.append(r)
+
+        def run_once(runtime: str) -> dict[str, float]:
+            """One decode and one prefill run of `runtime`: tokens/s of each."""
+            if runtime in daemons:
+                interval = daemons[runtime]
+                return {"decode_tokens_per_s": through_daemon(address, decode_prompt, args.new_tokens, interval)[1],
+                        "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2, interval)[0]}
+            if runtime == "direct":
+                return {"decode_tokens_per_s": loop.run(decode_prompt, args.new_tokens)[1],
+                        "prefill_tokens_per_s": args.prefill_tokens / loop.run(prefill_prompt, 2)[0]}
+            f = files[runtime]
+            return {"decode_tokens_per_s": worker(runtime, f, args.decode_prompt_tokens, args.new_tokens)["decode_tokens_per_s"],
+                    "prefill_tokens_per_s": worker(runtime, f, args.prefill_tokens, PREFILL_NEW[runtime])["prefill_tokens_per_s"]}
+
+        order = [*daemons, "direct", *files]
+        for i in range(args.rounds):
+            # Every other round in reverse order, so that a drift within a round favours no runtime.
+            r = {rt: run_once(rt) for rt in (order if i % 2 == 0 else order[::-1])}
+            rounds.append({rt: r[rt] for rt in order})
     table = {rt: {k: statistics.median(r[rt][k] for r in rounds) for k in rounds[0][rt]} for rt in rounds[0]}
     for rt in table:
         if rt in daemons:

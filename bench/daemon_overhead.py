@@ -1,9 +1,10 @@
 """Decode tokens/s at batch 1 and time to first token: through the daemon vs ONNX Runtime driven directly.
 
-Both run the same bundle in the same run, one after the other, so the ratio shows what the daemon
-(scheduler, sampler, detokenizer, gRPC over a Unix socket) costs on top of the graph itself.
+Both run the same bundle in the same run, in rounds (each row once per round, every other round in
+reverse order), so the ratios show what the daemon (scheduler, sampler, detokenizer, gRPC over a Unix
+socket) costs on top of the graph itself. A ratio is the median of the rounds' ratios, with quartiles.
 
-    python bench/daemon_overhead.py [--bundle B] [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
+    python bench/daemon_overhead.py [--bundle B] [--prompt-tokens 128] [--new-tokens 128] [--repeats 15]
                                     [--threads N] [--stream-interval-ms MS]
 
 Without --bundle it uses the demo model's bundle (built once if needed).
@@ -70,29 +71,34 @@ def serving(path: Path, slots: int = 1, threads: int = 0) -> Iterator[str]:
             proc.wait(30)
 
 
-def direct(bundle, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
-    """(time to first token s, decode tokens/s) with the backend driven by a bare greedy loop, its threads
-    placed as the daemon places them (daemon/thread_placement.py)."""
-    placement = default_placement(threads)
-    backend = create_cpu_backend(bundle, slots=1, threads=threads, placement=placement)
-    before = os.sched_getaffinity(0)
-    if placement:
-        pin_current_thread(placement.engine_cpu)
-    try:
-        backend.prefill(0, prompt[:1], 0)  # warm-up
-        t0 = time.perf_counter()
-        logits = backend.prefill(0, prompt, 0)
-        token = int(np.argmax(logits))
-        ttft = time.perf_counter() - t0
-        b = backend.decode_binding(1)
-        t1 = time.perf_counter()
-        for i in range(new_tokens - 1):
-            b.input_ids[0, 0] = token
-            b.positions[0] = len(prompt) + i
-            token = int(np.argmax(backend.decode(b)[0]))
-        return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
-    finally:
-        os.sched_setaffinity(0, before)
+class DirectLoop:
+    """ONNX Runtime driven by a bare greedy loop on one backend kept for the whole run (as the daemon keeps
+    its own), its threads placed as the daemon places them (daemon/thread_placement.py)."""
+
+    def __init__(self, bundle, threads: int = 0):
+        self.placement = default_placement(threads)
+        self.backend = create_cpu_backend(bundle, slots=1, threads=threads, placement=self.placement)
+        self.backend.prefill(0, [101], 0)  # warm-up
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+        """(time to first token s, decode tokens/s)."""
+        backend = self.backend
+        before = os.sched_getaffinity(0)
+        if self.placement:
+            pin_current_thread(self.placement.engine_cpu)
+        try:
+            t0 = time.perf_counter()
+            token = int(np.argmax(backend.prefill(0, prompt, 0)))
+            ttft = time.perf_counter() - t0
+            b = backend.decode_binding(1)
+            t1 = time.perf_counter()
+            for i in range(new_tokens - 1):
+                b.input_ids[0, 0] = token
+                b.positions[0] = len(prompt) + i
+                token = int(np.argmax(backend.decode(b)[0]))
+            return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
+        finally:
+            os.sched_setaffinity(0, before)
 
 
 def daemon_rows(stream_interval_ms: int) -> dict[str, int | None]:
@@ -131,7 +137,7 @@ def main() -> None:
     ap.add_argument("--bundle")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime's threads, both sides (0: one per allowed CPU)")
     ap.add_argument("--stream-interval-ms", type=int, default=0,
                     help="also measure the daemon with its requests asking for tokens batched this far apart")
@@ -141,24 +147,37 @@ def main() -> None:
     prompt = random_prompt(bundle, args.prompt_tokens)
 
     daemons = daemon_rows(args.stream_interval_ms)
-    results = {"direct": [], **{row: [] for row in daemons}}
+    rows = [*daemons, "direct"]
+    results: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    loop = DirectLoop(bundle, args.threads)
     with serving(path, threads=args.threads) as address:
         default_line = default_interval_line(address)
-        # Alternate so that all see the same machine state; the daemon idles while direct runs.
-        for _ in range(args.repeats):
-            for row, interval in daemons.items():
-                results[row].append(through_daemon(address, prompt, args.new_tokens, interval))
-            results["direct"].append(direct(bundle, prompt, args.new_tokens, args.threads))
+        # Every row once per round, seconds apart, every other round in reverse order: the machine's speed
+        # drifts over minutes on a shared host, and this way a drift favours no row. Each side idles while
+        # the other runs.
+        for r in range(args.repeats):
+            for row in rows if r % 2 == 0 else rows[::-1]:
+                results[row].append(loop.run(prompt, args.new_tokens) if row == "direct" else
+                                    through_daemon(address, prompt, args.new_tokens, daemons[row]))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
           f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "
-          f"new {args.new_tokens}, median of {args.repeats}; {default_line}")
-    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
-    for k, (ttft, tps) in med.items():
-        print(f"  {k:16s} time to first token {ttft * 1000:8.1f} ms   decode {tps:7.1f} tokens/s")
+          f"new {args.new_tokens}, {args.repeats} rounds; {default_line}")
+    for row, runs in results.items():
+        print(f"  {row:16s} time to first token {statistics.median(r[0] for r in runs) * 1000:8.1f} ms   "
+              f"decode {statistics.median(r[1] for r in runs):7.1f} tokens/s   (medians)")
     for row in daemons:
-        print(f"  {row}/direct: decode tokens/s {med[row][1] / med['direct'][1]:.3f}, "
-              f"time to first token {med[row][0] / med['direct'][0]:.3f}")
+        pairs = list(zip(results[row], results["direct"]))  # (daemon, direct) of each round
+        print(f"  {row}/direct: decode tokens/s {spread([d[1] / x[1] for d, x in pairs])}; "
+              f"time to first token {spread([d[0] / x[0] for d, x in pairs])}")
+
+
+def spread(ratios: list[float]) -> str:
+    """The median of per-round ratios, with the quartiles where there are enough rounds to have them."""
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.3f}"
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q2:.3f} (quartiles {q1:.3f}-{q3:.3f})"
 
 
 if __name__ == "__main__":
