@@ -24,6 +24,13 @@ def fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def rpc_failure(address: str, e) -> str:
+    """What a client command says when a call to the daemon fails (e: a grpc.RpcError)."""
+    if e.code().name == "UNAVAILABLE":
+        return f"cannot reach the daemon at {address}: is `edgellm serve` running? ({e.details()})"
+    return f"{address}: {e.code().name}: {e.details()}"
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from build_engine.build import build_bundle
 
@@ -190,9 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             else:
                 finished = msg.finished
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            return fail("chat", f"cannot reach the daemon at {address}: is `edgellm serve` running? ({e.details()})")
-        return fail("chat", f"{e.code().name}: {e.details()}")
+        return fail("chat", rpc_failure(address, e))
     finally:
         channel.close()
     print()
@@ -236,7 +241,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         info = stub.GetModel(pb.GetModelRequest(), timeout=10)
     except grpc.RpcError as e:
-        return fail("info", f"cannot query the daemon at {address}: {e.code().name}: {e.details()}")
+        return fail("info", rpc_failure(address, e))
     finally:
         channel.close()
     print(yaml.safe_dump(json_format.MessageToDict(info, preserving_proto_field_name=True), sort_keys=False), end="")
@@ -263,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail("bench", str(e), EXIT_USAGE)
     except grpc.RpcError as e:
-        return fail("bench", f"{address}: {e.code().name}: {e.details()}")
+        return fail("bench", rpc_failure(address, e))
     print(format_results(results, args.json))
     if args.plot:
         try:

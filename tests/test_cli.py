@@ -85,10 +85,15 @@ def test_build_serve_chat_info_round_trip(tiny_checkpoint, tmp_path):
     assert not sock.exists()  # the socket file is removed on a clean stop
 
 
-def test_chat_without_a_daemon_says_so(tmp_path):
-    result = run("chat", "hi", "--address", str(tmp_path / "nobody.sock"), "--timeout", "5", timeout=60)
+@pytest.mark.parametrize("command", [
+    ["chat", "hi", "--timeout", "5", "--address"],
+    ["info"],
+    ["bench", "--concurrency", "1", "--address"],
+])
+def test_client_commands_without_a_daemon_say_so(command, tmp_path):
+    result = run(*command, f"unix:{tmp_path / 'nobody.sock'}", timeout=60)
     assert result.returncode == 1
-    assert "cannot reach the daemon" in result.stderr
+    assert "cannot reach the daemon" in result.stderr and "is `edgellm serve` running?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
