@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon_overhead import DirectLoop, daemon_rows, default_interval_line, random_prompt, serving, through_daemon  # noqa: E402
+from daemon_overhead import DirectLoop, alternating_rounds, daemon_rows, default_interval_line, random_prompt, serving, through_daemon  # noqa: E402
 
 from daemon.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
@@ -154,7 +154,6 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             files["genai"] = genai_folder(hf_folder(model, name), name, precision)
         except subprocess.CalledProcessError as e:
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
-    rounds: list[dict[str, dict[str, float]]] = []
     daemons = daemon_rows(args.stream_interval_ms)
     loop = DirectLoop(bundle)
     with serving(bundle_path) as address:
@@ -173,18 +172,16 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             return {"decode_tokens_per_s": worker(runtime, f, args.decode_prompt_tokens, args.new_tokens)["decode_tokens_per_s"],
                     "prefill_tokens_per_s": worker(runtime, f, args.prefill_tokens, PREFILL_NEW[runtime])["prefill_tokens_per_s"]}
 
-        order = [*daemons, "direct", *files]
-        for i in range(args.rounds):
-            # Every other round in reverse order, so that a drift within a round favours no runtime.
-            r = {rt: run_once(rt) for rt in (order if i % 2 == 0 else order[::-1])}
-            rounds.append({rt: r[rt] for rt in order})
-    table = {rt: {k: statistics.median(r[rt][k] for r in rounds) for k in rounds[0][rt]} for rt in rounds[0]}
+        runs = alternating_rounds([*daemons, "direct", *files], args.rounds, run_once)
+    keys = ("decode_tokens_per_s", "prefill_tokens_per_s")
+    table = {rt: {k: statistics.median(r[k] for r in rs) for k in keys} for rt, rs in runs.items()}
     for rt in table:
         if rt in daemons:
             continue
         for row in daemons:
-            for k in ("decode_tokens_per_s", "prefill_tokens_per_s"):
-                table[rt][f"{row}/{k.split('_')[0]}"] = statistics.median(r[row][k] / r[rt][k] for r in rounds)
+            for k in keys:
+                table[rt][f"{row}/{k.split('_')[0]}"] = statistics.median(
+                    d[k] / o[k] for d, o in zip(runs[row], runs[rt]))
     return table
 
 

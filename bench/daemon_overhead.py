@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from daemon.huge_pages import reexec_with_huge_pages
 from daemon.thread_placement import default_placement, pin_current_thread
 from edgellm.client import connect
 from edgellm.v1 import edgellm_pb2 as pb
+
+T = TypeVar("T")
 
 
 def bundle_path(arg: str | None) -> Path:
@@ -147,18 +149,13 @@ def main() -> None:
     prompt = random_prompt(bundle, args.prompt_tokens)
 
     daemons = daemon_rows(args.stream_interval_ms)
-    rows = [*daemons, "direct"]
-    results: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
     loop = DirectLoop(bundle, args.threads)
     with serving(path, threads=args.threads) as address:
         default_line = default_interval_line(address)
-        # Every row once per round, seconds apart, every other round in reverse order: the machine's speed
-        # drifts over minutes on a shared host, and this way a drift favours no row. Each side idles while
-        # the other runs.
-        for r in range(args.repeats):
-            for row in rows if r % 2 == 0 else rows[::-1]:
-                results[row].append(loop.run(prompt, args.new_tokens) if row == "direct" else
-                                    through_daemon(address, prompt, args.new_tokens, daemons[row]))
+        # Each side idles while the other runs.
+        results = alternating_rounds([*daemons, "direct"], args.repeats, lambda row: (
+            loop.run(prompt, args.new_tokens) if row == "direct" else
+            through_daemon(address, prompt, args.new_tokens, daemons[row])))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
           f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "
@@ -170,6 +167,17 @@ def main() -> None:
         pairs = list(zip(results[row], results["direct"]))  # (daemon, direct) of each round
         print(f"  {row}/direct: decode tokens/s {spread([d[1] / x[1] for d, x in pairs])}; "
               f"time to first token {spread([d[0] / x[0] for d, x in pairs])}")
+
+
+def alternating_rounds(rows: list[str], rounds: int, run_once: Callable[[str], T]) -> dict[str, list[T]]:
+    """run_once(row) for every row once per round, seconds apart, every other round in reverse order (the
+    machine's speed drifts over minutes on a shared host; this way a drift favours no row): each row's
+    results, round by round."""
+    results: dict[str, list[T]] = {row: [] for row in rows}
+    for r in range(rounds):
+        for row in rows if r % 2 == 0 else rows[::-1]:
+            results[row].append(run_once(row))
+    return results
 
 
 def spread(ratios: list[float]) -> str:
