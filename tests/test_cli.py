@@ -157,8 +157,8 @@ def test_bad_config_names_the_key(tmp_path):
 DEMO_QUESTION = "What is the capital of France? Reply in one sentence."
 DEMO_ANSWER = "The capital of France is Paris."
 # Smallest log-prob gap (nat) allowed between each token of DEMO_ANSWER (and the end of turn) and the runner-up,
-# teacher-forced: far above the 0.01-0.1 nat by which kernels differ between CPUs, so greedy decoding gives
-# DEMO_ANSWER on any of them. Measured on x86-64 AVX-512: >= 1.07 nat in int8, >= 1.02 in fp32.
+# teacher-forced: above what other kernels move a gap of this size, so greedy decoding gives DEMO_ANSWER on any
+# CPU. Measured on x86-64 AVX-512 (int8): >= 1.07 nat; see docs/reliability.md for the kernel differences.
 DEMO_MIN_MARGIN = 0.5
 
 
