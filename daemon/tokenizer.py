@@ -107,7 +107,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of text; special tokens written in the text (e.g. from the chat template) become their ids."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch_fast lets go of the GIL while it works (encode holds it, stalling the event loop and the
+        # engine thread for the whole text) and skips the offsets nobody reads here.
+        ids = self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
         # A chat template often writes the BOS itself; never add a second one.
         if self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
