@@ -200,6 +200,14 @@ BAD_REQUESTS = {
     "empty stop sequence": dict(text="hi", stop=[""]),
     "negative deadline": dict(text="hi", deadline=Duration(seconds=-1)),
     "stream interval above a second": dict(text="hi", stream_interval_ms=1001),
+    **{f"{name} {value}": dict(text="hi", sampling=pb.SamplingParams(**{name: value}))
+       for name, values in {"temperature": (float("inf"), float("nan"), 1e30, 101.0),
+                            "repetition_penalty": (float("inf"), float("nan"), 1e30, -1.0),
+                            "top_p": (float("inf"), float("nan")), "min_p": (float("inf"), float("nan"), -0.1)}.items()
+       for value in values},
+    "deadline nanos out of range": dict(text="hi", deadline=Duration(nanos=2_000_000_000)),
+    "deadline seconds out of range": dict(text="hi", deadline=Duration(seconds=10**12)),
+    "deadline with mixed signs": dict(text="hi", deadline=Duration(seconds=5, nanos=-1)),
 }
 
 
