@@ -32,7 +32,7 @@ class SamplingParams:
         """Raise ValueError naming the first out-of-range field."""
         # Written as `not (ok)` so that NaN fails too.
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy), got {self.temperature}")
+            raise ValueError(f"temperature must be >= 0 and at most {MAX_TEMPERATURE:g} (0 is greedy), got {self.temperature}")
         if not self.top_k >= 0:
             raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -40,7 +40,7 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 is off), got {self.repetition_penalty}")
+            raise ValueError(f"repetition_penalty must be > 0 and at most {MAX_REPETITION_PENALTY:g} (1 is off), got {self.repetition_penalty}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
