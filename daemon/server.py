@@ -595,10 +595,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                         await handle(msg)
                     except Exception as e:  # handling one message failed: refuse it, read on
                         kind = msg.WhichOneof("kind")
-                        field = getattr(msg, kind) if kind else None
                         e = internal(f"handling a {kind or 'empty'} message", e)
-                        refuse(pb.SessionRequest.DESCRIPTOR.fields_by_name[kind].number if kind else 0,
-                               getattr(field, "id", ""), e.code, e.message)
+                        # SessionRequestKind's values are the field numbers of SessionRequest.kind.
+                        refuse(msg.DESCRIPTOR.fields_by_name[kind].number if kind else pb.SESSION_REQUEST_KIND_UNSPECIFIED,
+                               getattr(msg, kind).id if kind else "", e.code, e.message)
                 out.put_nowait(end_of_input)
             except Exception as e:
                 if context.cancelled() or context.done():  # the client went away: nobody to tell
