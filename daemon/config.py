@@ -82,7 +82,7 @@ class LimitsConfig:
     max_message_bytes: int = 16 * 1024 * 1024  # largest gRPC message received or sent
     max_prompt_tokens: int = 0  # longest prompt accepted; 0: the bundle's context length
     # Longest text or chat prompt (and Tokenize text) in UTF-8 bytes, refused before tokenizing; 0: derived, the
-    # prompt tokens allowed x the vocabulary's longest token (x4 for normalizers that merge characters).
+    # prompt tokens allowed x the bytes of the vocabulary's longest token (x4 where a normalizer may merge characters).
     max_prompt_bytes: int = 0
     max_requests_per_connection: int = 64  # requests running or queued at once from one client connection
 

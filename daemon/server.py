@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -164,16 +166,26 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def prompt_byte_limit(tokenizer: Tokenizer, max_tokens: int) -> int:
-    """Bytes beyond which a text cannot tokenize into max_tokens tokens or fewer.
+def prompt_byte_limit(tokenizer: Tokenizer, max_tokens: int, normalizes: bool) -> int:
+    """Bytes beyond which a text cannot tokenize into max_tokens tokens or fewer: max_tokens times the most
+    bytes of text one token stands for, times the most a normalizer (if any) can shrink text before it is split."""
+    def token_bytes(i: int) -> int:
+        # Two upper bounds: the token's string (byte-level and SentencePiece strings are as long as the bytes they
+        # stand for, or longer), and its decoded text plus the one leading space a decoder may strip.
+        string = tokenizer.id_to_token(i) or ""
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        return min(utf8_length(string), utf8_length(text) + 1)
 
-    Each token covers at most as many bytes of text as the longest token's string has (byte-level and
-    SentencePiece token strings are as long as the bytes they stand for or longer), times the most a
-    normalizer can shrink text before it is split.
-    """
-    longest = max(len((tokenizer.id_to_token(i) or "").encode("utf-8", "surrogatepass"))
-                  for i in range(tokenizer.vocab_size))
-    return max_tokens * max(longest, 1) * NORMALIZER_SLACK
+    longest = max(map(token_bytes, range(tokenizer.vocab_size)), default=1)
+    return max_tokens * max(longest, 1) * (NORMALIZER_SLACK if normalizes else 1)
+
+
+def has_normalizer(tokenizer_json: Path) -> bool:
+    """Whether tokenizer.json normalizes text before splitting it (unknown: assume it does)."""
+    try:
+        return json.loads(tokenizer_json.read_text(encoding="utf-8")).get("normalizer") is not None
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def duration_seconds(d: Duration, name: str) -> float:
@@ -249,7 +261,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
         max_tokens = min(engine.context_length - 1, self.limits.max_prompt_tokens or engine.context_length)
         # A longer text cannot fit: refused before the tokenizer spends time and memory on it.
-        self.max_prompt_bytes = self.limits.max_prompt_bytes or prompt_byte_limit(tokenizer, max_tokens)
+        self.max_prompt_bytes = self.limits.max_prompt_bytes or prompt_byte_limit(
+            tokenizer, max_tokens, has_normalizer(bundle.path / "tokenizer.json"))
         self._malformed_log = ThrottledLog(log)
 
     # ---- request preparation ----------------------------------------------------------------------
