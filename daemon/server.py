@@ -407,10 +407,11 @@ class InferenceService(pb_grpc.InferenceServicer):
             # Called with other requests' events in one batch (scheduler._deliver): it must never raise.
             try:
                 if isinstance(ev, FinishEvent):
-                    self._settle(request)
-                    self._log_finished(request, ev)
+                    self._settle(request)  # first: the live counts never wait on anything that can fail
                 if not request.failed:
                     self._hand_off(request, ev)
+                if isinstance(ev, FinishEvent):
+                    self._log_finished(request, ev)
             except Exception as e:
                 self._fail(request, "handing the engine's output to the stream", e)
         return sink
