@@ -312,6 +312,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             self._check_size(utf8_length(text), "the rendered chat")
             return self._encode(text)
         if kind == "token_ids":
+            ctx = self.engine.context_length
+            if len(req.token_ids.ids) >= ctx:  # before looking at each id: millions of them would hold the GIL
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(req.token_ids.ids)} tokens; the context holds {ctx} (prompt plus at least one new token)")
             ids = list(req.token_ids.ids)
             vocab = self.tokenizer.vocab_size
             bad = next((i for i in ids if not 0 <= i < vocab), None)

@@ -64,6 +64,14 @@ def test_oversized_text_is_refused_before_tokenizing(daemon, monkeypatch):
     assert "tokens" in err.value.details() and "max_prompt_bytes" not in err.value.details()
 
 
+def test_oversized_token_id_prompt_is_refused_before_its_ids_are_read(daemon):
+    ids = [5] * 3_000_000 + [10**6]  # one id outside the vocabulary, at the end
+    with pytest.raises(grpc.RpcError) as err:
+        generate(daemon.stub(), token_ids=pb.TokenIds(ids=ids))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the context holds" in err.value.details()  # refused for its length, not for the id
+
+
 def test_max_prompt_bytes_setting(tiny_bundle, tmp_path):
     d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"max_prompt_bytes": 40}}).start()
     try:
