@@ -259,10 +259,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._generate_ids = itertools.count(1)
         # Tokenizing a long prompt or rendering a template takes milliseconds: never on the event loop.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
-        max_tokens = min(engine.context_length - 1, self.limits.max_prompt_tokens or engine.context_length)
+        self.prompt_token_limit = min(engine.context_length - 1, self.limits.max_prompt_tokens or engine.context_length)
         # A longer text cannot fit: refused before the tokenizer spends time and memory on it.
         self.max_prompt_bytes = self.limits.max_prompt_bytes or prompt_byte_limit(
-            tokenizer, max_tokens, has_normalizer(bundle.path / "tokenizer.json"))
+            tokenizer, self.prompt_token_limit, has_normalizer(bundle.path / "tokenizer.json"))
         self._malformed_log = ThrottledLog(log)
 
     # ---- request preparation ----------------------------------------------------------------------
@@ -305,6 +305,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         if kind == "chat":
             if not req.chat.messages:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the chat has no messages")
+            # A chat template marks every message with at least one token; rendering a million empty messages
+            # would hold the GIL for a second.
+            if len(req.chat.messages) > self.prompt_token_limit:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the chat has {len(req.chat.messages)} messages; a prompt of at most {self.prompt_token_limit} tokens cannot hold them")
             # The template writes each message's content into the prompt: content this long cannot fit either.
             self._check_size(sum(utf8_length(m.content) for m in req.chat.messages), "the chat's content")
             earlier = conv.messages if conv is not None and conv.messages else []

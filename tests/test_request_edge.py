@@ -72,6 +72,18 @@ def test_oversized_token_id_prompt_is_refused_before_its_ids_are_read(daemon):
     assert "the context holds" in err.value.details()  # refused for its length, not for the id
 
 
+def test_chat_of_more_messages_than_tokens_is_refused_before_rendering(daemon, monkeypatch):
+    tok = daemon.daemon.tokenizer
+    rendered: list[int] = []
+    render = tok.render_chat
+    monkeypatch.setattr(tok, "render_chat", lambda messages: rendered.append(len(messages)) or render(messages))
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="")] * 100_000)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(daemon.stub(), chat=chat)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100000 messages" in err.value.details()
+    assert rendered == []
+
+
 def test_max_prompt_bytes_setting(tiny_bundle, tmp_path):
     d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"max_prompt_bytes": 40}}).start()
     try:
