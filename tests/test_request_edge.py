@@ -12,6 +12,7 @@ import pytest
 
 from conftest import TINY_CONTEXT, DaemonThread, generate, wait_until
 from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 from test_server import SessionClient, fill_slots_and_queue
 
 FR = pb.FinishReason
@@ -325,7 +326,6 @@ def test_slow_reader_on_a_session_loses_its_requests_not_others(tiny_bundle, tmp
         # A tiny HTTP/2 window: the server soon cannot write, so undelivered chunks pile up on its side.
         channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.http2.lookahead_bytes", 256),
                                                                  ("grpc.http2.bdp_probe", 0)])
-        from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
         slow = SessionClient(pb_grpc.InferenceStub(channel))
         for rid in ("s1", "s2"):
             slow.start(rid, text="x", max_new_tokens=TINY_CONTEXT - 8, ignore_eos=True)
