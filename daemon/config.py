@@ -81,6 +81,9 @@ class AccessConfig:
 class LimitsConfig:
     max_message_bytes: int = 16 * 1024 * 1024  # largest gRPC message received or sent
     max_prompt_tokens: int = 0  # longest prompt accepted; 0: the bundle's context length
+    # Longest text or chat prompt (and Tokenize text) in UTF-8 bytes, refused before tokenizing; 0: derived, the
+    # prompt tokens allowed x the bytes of the vocabulary's longest token (x4 where a normalizer may merge characters).
+    max_prompt_bytes: int = 0
     max_requests_per_connection: int = 64  # requests running or queued at once from one client connection
 
 
@@ -105,7 +108,8 @@ class Config:
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
              "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
-             "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_requests_per_connection": 1,
+             "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_prompt_bytes": 0,
+             "limits.max_requests_per_connection": 1,
              "service.drain_seconds": 0.0}
 MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
 _MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS}

@@ -27,14 +27,13 @@ from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
 from daemon.metrics import EngineMetrics, serve_metrics
 from daemon.request_log import reopen_log_files
 from daemon.scheduler import Engine, decode_shapes
-from daemon.server import InferenceService
+from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
                                      pin_current_thread)
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
 from edgellm.v1 import edgellm_pb2 as pb
-from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("edgellm.daemon")
 
@@ -128,7 +127,7 @@ class Daemon:
         limit = cfg.limits.max_message_bytes
         self.server = grpc.aio.server(interceptors=[guard], options=[("grpc.max_receive_message_length", limit),
                                                                      ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_InferenceServicer_to_server(self.service, self.server)
+        add_inference_service(self.service, self.server)  # malformed requests: INVALID_ARGUMENT, not UNKNOWN
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)

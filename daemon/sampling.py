@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_LOGPROBS = 20
+# Far past any useful setting (at 100 the distribution is all but uniform, a penalty of 100 all but bans a token);
+# beyond, float32 arithmetic on the logits heads for overflow and NaN.
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
 # Below this the distribution is argmax anyway, and 1/T would overflow float32 into inf * 0 = NaN.
 GREEDY_TEMPERATURE = 1e-5
 _BLOCK = 1024  # tokens per block when drawing from a large vocabulary
@@ -27,16 +31,16 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
         # Written as `not (ok)` so that NaN fails too.
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be >= 0 and at most {MAX_TEMPERATURE:g} (0 is greedy), got {self.temperature}")
         if not self.top_k >= 0:
             raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be > 0 and at most {MAX_REPETITION_PENALTY:g} (1 is off), got {self.repetition_penalty}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 

@@ -1,18 +1,23 @@
 """The gRPC server: turns API messages into engine `Sequence`s and engine events into stream messages.
 
 Handlers run on the asyncio loop and never block it: tokenization and chat rendering go to a small
-thread pool, generation to the engine thread. Per-request problems become a gRPC status (Generate)
-or a RequestError message for that request id (Session); the stream itself goes on.
+thread pool (text prompts bounded in bytes first), generation to the engine thread. Per-request problems
+become a gRPC status (Generate) or a RequestError message for that request id (Session); a Session
+message the server does not act on gets a `refused` message; the stream itself goes on. Whatever fails
+while one request is handled ends that request with a message naming what failed, never the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -28,7 +33,14 @@ from daemon.tokenizer import Tokenizer
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
+log = logging.getLogger("edgellm.server")
+
+SERVICE_NAME = "edgellm.v1.Inference"
 MAX_REQUEST_ID_BYTES = 128
+# protobuf's Duration range, +-10,000 years.
+MAX_DURATION_SECONDS = 315_576_000_000
+# Normalizers (NFC, NFKC) can merge up to 4 bytes of input into one byte ("\U0001d400" -> "A" under NFKC).
+NORMALIZER_SLACK = 4
 _PRIORITIES = {pb.PRIORITY_UNSPECIFIED: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
                pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_BACKGROUND: Priority.BACKGROUND}
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -54,6 +66,136 @@ class ConversationState:
     messages: list[tuple[str, str]] | None = None  # chat: every message so far, replies included
     history_ids: list[int] | None = None  # raw: every token so far, prompt and output
     running: str | None = None  # the request id of the turn in progress
+
+
+@dataclass
+class Failure:
+    """An event of a running request: the server failed handling it (the request ends with `message`)."""
+
+    message: str
+
+
+@dataclass(eq=False)
+class Request:
+    """One request from its start until the client has been told how it ended."""
+
+    id: str
+    peer: Peer
+    out: asyncio.Queue  # the RPC's queue: (Request, TokenEvent | FinishEvent | Failure) pairs
+    seq: Sequence | None = None  # set once the engine has it
+    conversation: ConversationState | None = None
+    reply_text: list[str] = field(default_factory=list)  # conversation turns: what was streamed
+    reply_ids: list[int] = field(default_factory=list)
+    streamed: bool = False  # tokens went out: a failure now ends it with FINISH_REASON_ERROR, not an error status
+    failed: bool = False  # a Failure is on its way to the client; later events only settle the engine's side
+    ended: bool = False  # the client has its last message (or is about to)
+    settled: bool = False  # the engine is done with it and it is off the live counts
+
+
+@dataclass
+class Malformed:
+    """A request message that did not parse, handed to the handler in place of the message."""
+
+    type_name: str
+    error: str
+
+    def describe(self) -> str:
+        return f"malformed {self.type_name}: {self.error}"
+
+
+@dataclass
+class StreamFailure:
+    """The Session stream itself fails with this status."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+def lenient_parser(cls: type) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises (gRPC would answer UNKNOWN and log a traceback): Malformed instead."""
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # DecodeError, or anything else protobuf raises on bad bytes
+            return Malformed(cls.DESCRIPTOR.full_name, str(e) or type(e).__name__)
+    return parse
+
+
+def add_inference_service(service: "InferenceService", server: grpc.aio.Server) -> None:
+    """Register the service as the generated add_InferenceServicer_to_server does, with lenient_parser deserializers."""
+    handlers = {
+        "Session": grpc.stream_stream_rpc_method_handler(service.Session, lenient_parser(pb.SessionRequest),
+                                                         pb.SessionResponse.SerializeToString),
+        "Generate": grpc.unary_stream_rpc_method_handler(service.Generate, lenient_parser(pb.GenerateRequest),
+                                                         pb.GenerateResponse.SerializeToString),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(service.Tokenize, lenient_parser(pb.TokenizeRequest),
+                                                        pb.TokenizeResponse.SerializeToString),
+        "GetModel": grpc.unary_unary_rpc_method_handler(service.GetModel, lenient_parser(pb.GetModelRequest),
+                                                        pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class ThrottledLog:
+    """At most one warning per `every_s` seconds, counting the ones left out: clients cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self.logger, self.every_s = logger, every_s
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it since the last such line)"
+        self._next, self._left_out = now + self.every_s, 0
+        self.logger.warning(message)
+
+
+def internal(what: str, e: BaseException) -> RequestRejected:
+    """A failure of the server's own while starting a request, logged, as the INTERNAL status the client gets."""
+    log.error("%s failed", what, exc_info=e)
+    return RequestRejected(grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
+
+
+def utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def prompt_byte_limit(tokenizer: Tokenizer, max_tokens: int, normalizes: bool) -> int:
+    """Bytes beyond which a text cannot tokenize into max_tokens tokens or fewer: max_tokens times the most
+    bytes of text one token stands for, times the most a normalizer (if any) can shrink text before it is split."""
+    def token_bytes(i: int) -> int:
+        # Two upper bounds: the token's string (byte-level and SentencePiece strings are as long as the bytes they
+        # stand for, or longer), and its decoded text plus the one leading space a decoder may strip.
+        string = tokenizer.id_to_token(i) or ""
+        text = tokenizer.decode([i], skip_special_tokens=False)
+        return min(utf8_length(string), utf8_length(text) + 1)
+
+    longest = max(map(token_bytes, range(tokenizer.vocab_size)), default=1)
+    return max_tokens * max(longest, 1) * (NORMALIZER_SLACK if normalizes else 1)
+
+
+def has_normalizer(tokenizer_json: Path) -> bool:
+    """Whether tokenizer.json normalizes text before splitting it (unknown: assume it does)."""
+    try:
+        return json.loads(tokenizer_json.read_text(encoding="utf-8")).get("normalizer") is not None
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def duration_seconds(d: Duration, name: str) -> float:
+    """A Duration's seconds, or INVALID_ARGUMENT when it is outside protobuf's rules for the type."""
+    same_sign = d.seconds == 0 or d.nanos == 0 or (d.seconds > 0) == (d.nanos > 0)
+    if not (abs(d.seconds) <= MAX_DURATION_SECONDS and abs(d.nanos) <= 999_999_999 and same_sign):
+        raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{name} is not a valid Duration (seconds={d.seconds}, nanos={d.nanos}): |seconds| "
+                              f"must be at most {MAX_DURATION_SECONDS}, |nanos| below 1e9, both of the same sign")
+    return d.seconds + d.nanos / 1e9
 
 
 def _shutting_down() -> RequestRejected:
@@ -117,8 +259,34 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._generate_ids = itertools.count(1)
         # Tokenizing a long prompt or rendering a template takes milliseconds: never on the event loop.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-tokenize")
+        self.prompt_token_limit = min(engine.context_length - 1, self.limits.max_prompt_tokens or engine.context_length)
+        # A longer text cannot fit: refused before the tokenizer spends time and memory on it.
+        self.max_prompt_bytes = self.limits.max_prompt_bytes or prompt_byte_limit(
+            tokenizer, self.prompt_token_limit, has_normalizer(bundle.path / "tokenizer.json"))
+        self._malformed_log = ThrottledLog(log)
 
     # ---- request preparation ----------------------------------------------------------------------
+    def _check_size(self, nbytes: int, what: str) -> None:
+        if nbytes > self.max_prompt_bytes:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{what} has {nbytes} bytes; this server accepts at most {self.max_prompt_bytes} "
+                                  f"(a longer text cannot fit the context; limits.max_prompt_bytes)")
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except Exception as e:
+            raise internal("tokenizing the prompt", e) from e
+
+    def _encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        """The chat rendered by the model's template and tokenized; message contents can forge no control token."""
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except ValueError as e:  # the client's messages: an unknown role, what the template refuses
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Exception as e:
+            raise internal("rendering and tokenizing the chat", e) from e
+
     def _prompt_ids(self, req: pb.GenerateRequest, conv: ConversationState | None = None) -> list[int]:
         """The request's prompt as token ids (for a conversation turn: its whole history). Runs in the pool."""
         kind = req.WhichOneof("prompt")
@@ -128,22 +296,28 @@ class InferenceService(pb_grpc.InferenceServicer):
         if kind == "text":
             if not req.text:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty")
+            self._check_size(utf8_length(req.text), "the prompt")
             if conv is not None and conv.history_ids:
-                ids = self.tokenizer.encode(req.text)
+                ids = self._encode(req.text)
                 if self.tokenizer.add_bos_token and ids[:1] == [self.tokenizer.bos_token_id]:
                     ids = ids[1:]  # a continuation: the BOS is at the start of the history already
                 return conv.history_ids + ids
-            return self.tokenizer.encode(req.text)
+            return self._encode(req.text)
         if kind == "chat":
             if not req.chat.messages:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "the chat has no messages")
+            # A chat template marks every message with at least one token; rendering a million empty messages
+            # would hold the GIL for a second.
+            if len(req.chat.messages) > self.prompt_token_limit:
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the chat has {len(req.chat.messages)} messages; a prompt of at most {self.prompt_token_limit} tokens cannot hold them")
+            # The template writes each message's content into the prompt: content this long cannot fit either.
+            self._check_size(sum(utf8_length(m.content) for m in req.chat.messages), "the chat's content")
             earlier = conv.messages if conv is not None and conv.messages else []
-            try:
-                text = self.tokenizer.render_chat([*earlier, *((m.role, m.content) for m in req.chat.messages)])
-            except ValueError as e:
-                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            return self.tokenizer.encode(text)
+            return self._encode_chat([*earlier, *((m.role, m.content) for m in req.chat.messages)])
         if kind == "token_ids":
+            ctx = self.engine.context_length
+            if len(req.token_ids.ids) >= ctx:  # before looking at each id: millions of them would hold the GIL
+                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(req.token_ids.ids)} tokens; the context holds {ctx} (prompt plus at least one new token)")
             ids = list(req.token_ids.ids)
             vocab = self.tokenizer.vocab_size
             bad = next((i for i in ids if not 0 <= i < vocab), None)
@@ -174,7 +348,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"stop sequences must be 1..{gen.max_stop_length} characters, got {s!r}")
         deadline = None
         if req.HasField("deadline"):
-            seconds = req.deadline.ToNanoseconds() / 1e9
+            seconds = duration_seconds(req.deadline, "deadline")
             if seconds <= 0:
                 raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"deadline must be positive, got {seconds}s")
             deadline = arrival + seconds
@@ -201,164 +375,257 @@ class InferenceService(pb_grpc.InferenceServicer):
                         priority=_PRIORITIES[req.priority], conversation=conv.conversation if conv else None,
                         stream_interval=interval_ms / 1000)
 
-    def _submit(self, seq: Sequence, events: asyncio.Queue, tag: str | None, peer: Peer, rid: str = "") -> None:
-        """Queue seq in the engine, its events going to `events` (tagged with the request id on a Session).
+    async def _start(self, request: Request, req: pb.GenerateRequest, call_time_left: float | None,
+                     conv: ConversationState | None = None) -> None:
+        """Prepare and submit one request; raises RequestRejected (INTERNAL for a failure of the server's own)."""
+        try:
+            seq = await self._prepare(req, call_time_left, conv)
+            self._submit(request, seq)
+        except RequestRejected:
+            raise
+        except Exception as e:
+            raise internal("starting the request", e) from e
 
-        A client that reads too slowly lets its undelivered chunks pile up here, never in the engine:
-        past the bound the request is cancelled with a message saying so.
-        """
+    # ---- the engine's events ----------------------------------------------------------------------
+    def _submit(self, request: Request, seq: Sequence) -> None:
+        """Queue seq in the engine, its events going to request.out. Nothing after engine.submit can fail,
+        so a request is either in the engine and counted, or neither."""
         if self.draining:
             raise _shutting_down()
+        peer = request.peer
         if peer.live >= self.limits.max_requests_per_connection:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this connection already has {peer.live} requests running or queued (limits.max_requests_per_connection)", 1.0)
-        limit = self.generation.max_buffered_chunks
-
-        def sink(ev: TokenEvent | FinishEvent) -> None:
-            events.put_nowait(ev if tag is None else (tag, ev))
-            if isinstance(ev, FinishEvent):
-                peer.live -= 1
-                self.live.discard(seq)
-                if not self.live:
-                    self.all_done.set()
-                log_request(id=rid, **peer.log_fields(), priority=seq.priority.name.lower(),
-                            prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_prompt_tokens,
-                            completion_tokens=ev.completion_tokens, queue_ms=round(ev.queue_s * 1e3, 1),
-                            ttft_ms=round(ev.ttft_s * 1e3, 1), duration_ms=round(ev.total_s * 1e3, 1),
-                            reason=ev.reason.value, **({"message": ev.message} if ev.message else {}))
-            elif events.qsize() > limit and not seq.cancel_requested:
-                self.engine.cancel(seq, f"the client did not read its stream: {limit} chunks were waiting")
-
-        seq.sink = sink
+        seq.sink = self._sink(request)
         try:
             self.engine.submit(seq)
         except QueueFullError as e:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry in {e.retry_after_s:.1f}s",
                                   e.retry_after_s) from None
+        except Exception as e:
+            raise internal("queueing the request in the engine", e) from e
+        request.seq = seq
         peer.live += 1
         self.live.add(seq)
         self.all_done.clear()
 
+    def _sink(self, request: Request) -> Callable[[TokenEvent | FinishEvent], None]:
+        def sink(ev: TokenEvent | FinishEvent) -> None:
+            # Called with other requests' events in one batch (scheduler._deliver): it must never raise.
+            try:
+                if isinstance(ev, FinishEvent):
+                    self._settle(request)  # first: the live counts never wait on anything that can fail
+                if not request.failed:
+                    self._hand_off(request, ev)
+                if isinstance(ev, FinishEvent):
+                    self._log_finished(request, ev)
+            except Exception as e:
+                self._fail(request, "handing the engine's output to the stream", e)
+        return sink
+
+    def _hand_off(self, request: Request, ev: TokenEvent | FinishEvent) -> None:
+        """Queue an event for the RPC. A client that reads too slowly lets its undelivered chunks pile up
+        here, never in the engine: past the bound its requests are cancelled with a message saying so."""
+        request.out.put_nowait((request, ev))
+        limit = self.generation.max_buffered_chunks
+        if isinstance(ev, TokenEvent) and request.out.qsize() > limit and not request.seq.cancel_requested:
+            self.engine.cancel(request.seq, f"the client did not read its stream: {limit} chunks were waiting")
+
+    def _settle(self, request: Request) -> None:
+        """The engine is done with the request: off the live counts."""
+        if request.settled:
+            return
+        request.settled = True
+        request.peer.live -= 1
+        self.live.discard(request.seq)
+        if not self.live:
+            self.all_done.set()
+
+    def _log_finished(self, request: Request, ev: FinishEvent) -> None:
+        log_request(id=request.id, **request.peer.log_fields(), priority=request.seq.priority.name.lower(),
+                    prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_prompt_tokens,
+                    completion_tokens=ev.completion_tokens, queue_ms=round(ev.queue_s * 1e3, 1),
+                    ttft_ms=round(ev.ttft_s * 1e3, 1), duration_ms=round(ev.total_s * 1e3, 1),
+                    reason=ev.reason.value, **({"message": ev.message} if ev.message else {}))
+
+    def _fail(self, request: Request, what: str, e: Exception) -> None:
+        """End a running request whose handling failed: the client is told at once, the engine cancels it."""
+        if request.failed or request.ended:
+            return
+        request.failed = True
+        log.error("request %s: %s failed", request.id, what, exc_info=e)
+        message = f"{what} failed: {type(e).__name__}: {e}"
+        self.engine.metrics.request_errors.labels(grpc.StatusCode.INTERNAL.name).inc()
+        if request.seq is not None:
+            self.engine.cancel(request.seq, message)
+        request.out.put_nowait((request, Failure(message)))
+
+    def _reply(self, request: Request, ev: TokenEvent | FinishEvent | Failure) -> tuple[str, Any]:
+        """What the client gets for one event: ("tokens" | "finished" | "error", message); updates request's state."""
+        if isinstance(ev, TokenEvent):
+            chunk = token_message(ev)
+            request.streamed = True
+            if request.conversation is not None:
+                request.reply_text.append(ev.text)
+                request.reply_ids += ev.token_ids
+            return "tokens", chunk
+        if isinstance(ev, FinishEvent):
+            reply = "finished", finished_message(ev)
+        elif request.streamed:
+            reply = "finished", pb.Finished(reason=pb.FINISH_REASON_ERROR, message=ev.message)
+        else:
+            reply = "error", pb.RequestError(code=grpc.StatusCode.INTERNAL.value[0], message=ev.message)
+        request.ended = True
+        return reply
+
     def _refused(self, rid: str, peer: Peer, code: grpc.StatusCode, message: str) -> None:
-        """Count and log a request that ended before the engine saw it."""
+        """Count and log a request (or message) that ended before the engine saw it."""
         self.engine.metrics.request_errors.labels(code.name).inc()
         log_request(id=rid, **peer.log_fields(), reason="refused", code=code.name, message=message)
 
+    def _malformed(self, m: Malformed, peer: Peer) -> str:
+        self.engine.metrics.request_errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+        self._malformed_log.warning(f"{m.describe()} (from {peer.describe()})")
+        return m.describe()
+
     # ---- RPCs ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        events: asyncio.Queue = asyncio.Queue()
         peer = self.connections.of(context)
-        rid = f"generate-{next(self._generate_ids)}"
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._malformed(request, peer))
+        r = Request(f"generate-{next(self._generate_ids)}", peer, asyncio.Queue())
         try:
-            seq = await self._prepare(request, context.time_remaining())
-            self._submit(seq, events, None, peer, rid)
+            await self._start(r, request, context.time_remaining())
         except RequestRejected as e:
-            self._refused(rid, peer, e.code, e.message)
+            self._refused(r.id, peer, e.code, e.message)
             if e.retry_after_s is not None:
                 context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
             await context.abort(e.code, e.message)
-        done = False
         try:
-            while not done:
-                ev = await events.get()
-                if isinstance(ev, TokenEvent):
-                    yield pb.GenerateResponse(tokens=token_message(ev))
-                else:
-                    done = True
-                    yield pb.GenerateResponse(finished=finished_message(ev))
+            while not r.ended:
+                _, ev = await r.out.get()
+                try:
+                    kind, body = self._reply(r, ev)
+                except Exception as e:
+                    self._fail(r, "building the response", e)
+                    continue
+                if kind == "error":
+                    await context.abort(grpc.StatusCode.INTERNAL, body.message)
+                yield pb.GenerateResponse(**{kind: body})
         finally:
-            if not done:  # the client went away or the call was cancelled
-                self.engine.cancel(seq)
+            if not r.ended:  # the client went away or the call was cancelled
+                self.engine.cancel(r.seq)
 
     async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
         out: asyncio.Queue = asyncio.Queue()
-        live: dict[str, Sequence | None] = {}  # None while the request is being prepared
-        turns: dict[str, ConversationState] = {}  # request id -> the conversation it is a turn of
+        live: dict[str, Request] = {}  # by id: started and not yet ended for the client (seq None while preparing)
         conversations: dict[str, ConversationState] = {}
-        replies: dict[str, list[str]] = {}  # text streamed so far, for conversation turns
         end_of_input = object()
         peer = self.connections.of(context)
 
-        def reject(rid: str, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        def refuse(kind: int, rid: str, code: grpc.StatusCode, message: str) -> None:
             self._refused(rid, peer, code, message)
-            err = pb.RequestError(code=code.value[0], message=message)
-            if retry_after_s is not None:
-                err.retry_after.CopyFrom(_duration(retry_after_s))
-            out.put_nowait(pb.SessionResponse(id=rid, error=err))
+            out.put_nowait(pb.SessionResponse(refused=pb.Refused(kind=kind, id=rid, code=code.value[0], message=message)))
 
         async def start(msg: pb.StartRequest) -> None:
             rid = msg.id
             if not rid or len(rid.encode()) > MAX_REQUEST_ID_BYTES:
-                return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
+                return refuse(pb.SESSION_REQUEST_KIND_START, rid, grpc.StatusCode.INVALID_ARGUMENT, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
             if rid in live:
-                return reject(rid, grpc.StatusCode.INVALID_ARGUMENT, f"duplicate request id {rid!r}: a request with this id is still running on this stream")
+                return refuse(pb.SESSION_REQUEST_KIND_START, rid, grpc.StatusCode.ALREADY_EXISTS, f"duplicate request id {rid!r}: a request with this id is still running on this stream (it goes on)")
+            r = live[rid] = Request(rid, peer, out)
             conv = None
-            if msg.conversation_id:
-                conv = conversations.get(msg.conversation_id)
-                if conv is None:
-                    return reject(rid, grpc.StatusCode.NOT_FOUND, f"no open conversation {msg.conversation_id!r} on this stream")
-                if conv.running is not None:
-                    return reject(rid, grpc.StatusCode.FAILED_PRECONDITION, f"conversation {msg.conversation_id!r} is still answering request {conv.running!r}")
-                conv.running = rid
-            live[rid] = None
             try:
-                seq = await self._prepare(msg.request, context.time_remaining(), conv)
-                self._submit(seq, out, rid, peer, rid)
-                live[rid] = seq
-                if conv is not None:
-                    turns[rid] = conv
-                    replies[rid] = []
-                    if conv.kind is None:
-                        conv.kind = "chat" if msg.request.WhichOneof("prompt") == "chat" else "raw"
+                if msg.conversation_id:
+                    conv = conversations.get(msg.conversation_id)
+                    if conv is None:
+                        raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"no open conversation {msg.conversation_id!r} on this stream")
+                    if conv.running is not None:
+                        raise RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, f"conversation {msg.conversation_id!r} is still answering request {conv.running!r}")
+                    conv.running = rid
+                    kind = "chat" if msg.request.WhichOneof("prompt") == "chat" else "raw"
+                    messages = [*(conv.messages or []), *((m.role, m.content) for m in msg.request.chat.messages)]
+                await self._start(r, msg.request, context.time_remaining(), conv)
+                if conv is not None:  # assignments only: nothing here can fail once the engine has the request
+                    r.conversation = conv
+                    conv.kind = conv.kind or kind
                     if conv.kind == "chat":
-                        conv.messages = [*(conv.messages or []), *((m.role, m.content) for m in msg.request.chat.messages)]
-            except RequestRejected as e:
+                        conv.messages = messages
+            except Exception as e:
+                e = e if isinstance(e, RequestRejected) else internal("starting the request", e)
+                r.ended = True  # whatever the engine may still send for it goes nowhere
+                if r.seq is not None:
+                    self.engine.cancel(r.seq)
                 del live[rid]
-                if conv is not None:
+                if conv is not None and conv.running == rid:
                     conv.running = None
-                reject(rid, e.code, e.message, e.retry_after_s)
+                self._refused(rid, peer, e.code, e.message)
+                err = pb.RequestError(code=e.code.value[0], message=e.message)
+                if e.retry_after_s is not None:
+                    err.retry_after.CopyFrom(_duration(e.retry_after_s))
+                out.put_nowait(pb.SessionResponse(id=rid, error=err))
 
-        def conversation_turn_done(rid: str, ev: FinishEvent) -> None:
-            conv = turns.pop(rid)
+        def turn_done(r: Request, ev: FinishEvent | Failure) -> None:
+            conv = r.conversation
             conv.running = None
-            text = "".join(replies.pop(rid))
             if conv.kind == "chat":
-                conv.messages.append(("assistant", text))
+                conv.messages.append(("assistant", "".join(r.reply_text)))
             else:
-                conv.history_ids = [*live[rid].prompt_ids, *ev.output_ids]
+                conv.history_ids = [*r.seq.prompt_ids, *(ev.output_ids if isinstance(ev, FinishEvent) else r.reply_ids)]
+
+        def cancel(rid: str) -> None:
+            r = live.get(rid)
+            if r is None or r.seq is None:
+                return refuse(pb.SESSION_REQUEST_KIND_CANCEL, rid, grpc.StatusCode.NOT_FOUND, f"no running request with id {rid!r} on this stream")
+            self.engine.cancel(r.seq)
 
         def open_conversation(cid: str) -> None:
             if not cid or len(cid.encode()) > MAX_REQUEST_ID_BYTES:
-                return reject(cid, grpc.StatusCode.INVALID_ARGUMENT, f"conversation id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
+                return refuse(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, cid, grpc.StatusCode.INVALID_ARGUMENT, f"conversation id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
             if cid in conversations:
-                return reject(cid, grpc.StatusCode.ALREADY_EXISTS, f"conversation {cid!r} is already open on this stream")
+                return refuse(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, cid, grpc.StatusCode.ALREADY_EXISTS, f"conversation {cid!r} is already open on this stream")
             conversations[cid] = ConversationState(Conversation(cid))
 
         def close_conversation(cid: str) -> None:
             conv = conversations.pop(cid, None)
             if conv is None:
-                return reject(cid, grpc.StatusCode.NOT_FOUND, f"no open conversation {cid!r} on this stream")
+                return refuse(pb.SESSION_REQUEST_KIND_CLOSE_CONVERSATION, cid, grpc.StatusCode.NOT_FOUND, f"no open conversation {cid!r} on this stream")
             self.engine.close(conv.conversation)
 
+        async def handle(msg: pb.SessionRequest) -> None:
+            kind = msg.WhichOneof("kind")
+            if kind == "start":
+                await start(msg.start)
+            elif kind == "cancel":
+                cancel(msg.cancel.id)
+            elif kind == "open_conversation":
+                open_conversation(msg.open_conversation.id)
+            elif kind == "close_conversation":
+                close_conversation(msg.close_conversation.id)
+            else:
+                refuse(pb.SESSION_REQUEST_KIND_UNSPECIFIED, "", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest: set one of its fields")
+
         async def read() -> None:
+            # Every way this ends reaches the loop below: the end of input, or the stream's failure.
             try:
                 async for msg in request_iterator:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "start":
-                        await start(msg.start)
-                    elif kind == "cancel":
-                        seq = live.get(msg.cancel.id)
-                        if seq is None:
-                            reject(msg.cancel.id, grpc.StatusCode.NOT_FOUND, f"no running request with id {msg.cancel.id!r} on this stream")
-                        else:
-                            self.engine.cancel(seq)
-                    elif kind == "open_conversation":
-                        open_conversation(msg.open_conversation.id)
-                    elif kind == "close_conversation":
-                        close_conversation(msg.close_conversation.id)
-                    else:
-                        reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest: set one of its fields")
-            finally:
+                    if isinstance(msg, Malformed):  # nothing after it can be trusted to mean what it says
+                        out.put_nowait(StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, self._malformed(msg, peer)))
+                        return
+                    try:
+                        await handle(msg)
+                    except Exception as e:  # handling one message failed: refuse it, read on
+                        kind = msg.WhichOneof("kind")
+                        e = internal(f"handling a {kind or 'empty'} message", e)
+                        # SessionRequestKind's values are the field numbers of SessionRequest.kind.
+                        refuse(msg.DESCRIPTOR.fields_by_name[kind].number if kind else pb.SESSION_REQUEST_KIND_UNSPECIFIED,
+                               getattr(msg, kind).id if kind else "", e.code, e.message)
                 out.put_nowait(end_of_input)
+            except Exception as e:
+                if context.cancelled() or context.done():  # the client went away: nobody to tell
+                    out.put_nowait(end_of_input)
+                    return
+                log.error("reading a Session stream failed", exc_info=e)
+                out.put_nowait(StreamFailure(grpc.StatusCode.INTERNAL, f"reading the request stream failed: {type(e).__name__}: {e}"))
 
         reader = asyncio.create_task(read())
         input_done = False
@@ -367,30 +634,45 @@ class InferenceService(pb_grpc.InferenceServicer):
                 item = await out.get()
                 if item is end_of_input:
                     input_done = True
+                elif isinstance(item, StreamFailure):
+                    await context.abort(item.code, item.message)
                 elif isinstance(item, pb.SessionResponse):
                     yield item
                 else:
-                    rid, ev = item
-                    if isinstance(ev, TokenEvent):
-                        if rid in replies:
-                            replies[rid].append(ev.text)
-                        yield pb.SessionResponse(id=rid, tokens=token_message(ev))
-                    else:
-                        if rid in turns:
-                            conversation_turn_done(rid, ev)
-                        live.pop(rid, None)
-                        yield pb.SessionResponse(id=rid, finished=finished_message(ev))
+                    r, ev = item
+                    if r.ended:
+                        continue
+                    try:
+                        kind, body = self._reply(r, ev)
+                    except Exception as e:
+                        self._fail(r, "building the response", e)
+                        continue
+                    if r.ended:
+                        del live[r.id]
+                        if r.conversation is not None:
+                            turn_done(r, ev)
+                    yield pb.SessionResponse(id=r.id, **{kind: body})
         finally:
             reader.cancel()
-            for seq in live.values():  # the client went away: nobody reads these any more
-                if seq is not None:
-                    self.engine.cancel(seq)
+            for r in live.values():  # the client went away: nobody reads these any more
+                if r.seq is not None:
+                    self.engine.cancel(r.seq)
             for conv in conversations.values():  # conversations end with their stream
                 self.engine.close(conv.conversation)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self.tokenizer.encode, request.text)
+        peer = self.connections.of(context)
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._malformed(request, peer))
+        try:
+            self._check_size(utf8_length(request.text), "the text")
+            ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, request.text)
+        except RequestRejected as e:
+            self._refused("tokenize", peer, e.code, e.message)
+            await context.abort(e.code, e.message)
         return pb.TokenizeResponse(ids=ids)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._malformed(request, self.connections.of(context)))
         return self.model_info

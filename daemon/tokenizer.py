@@ -120,7 +120,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of text; special-token text in it (e.g. "<|im_end|>") becomes the special token's id."""
-        return self._with_bos(self._tok.encode(text, add_special_tokens=False).ids)
+        # encode_batch_fast lets go of the GIL while it works (encode holds it, stalling the event loop and the
+        # engine thread for the whole text) and skips the offsets nobody reads here.
+        return self._with_bos(self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids)
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         # A chat template often writes the BOS itself; never add a second one.

@@ -200,6 +200,14 @@ BAD_REQUESTS = {
     "empty stop sequence": dict(text="hi", stop=[""]),
     "negative deadline": dict(text="hi", deadline=Duration(seconds=-1)),
     "stream interval above a second": dict(text="hi", stream_interval_ms=1001),
+    **{f"{name} {value}": dict(text="hi", sampling=pb.SamplingParams(**{name: value}))
+       for name, values in {"temperature": (float("inf"), float("nan"), 1e30, 101.0),
+                            "repetition_penalty": (float("inf"), float("nan"), 1e30, -1.0),
+                            "top_p": (float("inf"), float("nan")), "min_p": (float("inf"), float("nan"), -0.1)}.items()
+       for value in values},
+    "deadline nanos out of range": dict(text="hi", deadline=Duration(nanos=2_000_000_000)),
+    "deadline seconds out of range": dict(text="hi", deadline=Duration(seconds=10**12)),
+    "deadline with mixed signs": dict(text="hi", deadline=Duration(seconds=5, nanos=-1)),
 }
 
 
@@ -220,18 +228,24 @@ def test_session_bad_inputs_end_only_that_request(daemon):
     for i, fields in enumerate(BAD_REQUESTS.values()):
         s.start(f"bad{i}", **fields)
     s.cancel("nobody")
-    errors, finished = {}, {}
-    while "long" not in finished or "nobody" not in errors:
+    errors, refused, finished = {}, {}, {}
+    while "long" not in finished or "nobody" not in refused:
         msg = s.next()
         if msg.WhichOneof("kind") == "error":
             errors.setdefault(msg.id, []).append(msg.error)
+        elif msg.WhichOneof("kind") == "refused":
+            assert msg.id == ""  # a refused message is never addressed as a request
+            refused[msg.refused.id] = msg.refused
         elif msg.WhichOneof("kind") == "finished":
             finished[msg.id] = msg.finished
     for i in range(len(BAD_REQUESTS)):
         (e,) = errors[f"bad{i}"]
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and e.message
-    assert "duplicate" in errors["long"][0].message
-    assert errors["nobody"][0].code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "long" not in errors  # the duplicate start is refused; the running "long" goes on
+    assert refused["long"].kind == pb.SESSION_REQUEST_KIND_START and "duplicate" in refused["long"].message
+    assert refused["long"].code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert refused["nobody"].kind == pb.SESSION_REQUEST_KIND_CANCEL
+    assert refused["nobody"].code == grpc.StatusCode.NOT_FOUND.value[0]
     assert finished["long"].reason == FR.FINISH_REASON_LENGTH
     assert finished["long"].usage.completion_tokens == 40
     # The same stream still serves new requests.
@@ -456,9 +470,12 @@ def test_conversation_errors(daemon):
     s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="c")))
     s._out.put(pb.SessionRequest(close_conversation=pb.CloseConversation(id="nope")))
     s.close()
-    errors = {m.id: m.error.code for m in s.responses if m.WhichOneof("kind") == "error"}
-    assert errors == {"y": grpc.StatusCode.NOT_FOUND.value[0], "c": grpc.StatusCode.ALREADY_EXISTS.value[0],
-                      "nope": grpc.StatusCode.NOT_FOUND.value[0]}
+    msgs = list(s.responses)
+    errors = {m.id: m.error.code for m in msgs if m.WhichOneof("kind") == "error"}
+    refused = {(m.refused.kind, m.refused.id): m.refused.code for m in msgs if m.WhichOneof("kind") == "refused"}
+    assert errors == {"y": grpc.StatusCode.NOT_FOUND.value[0]}  # the request "y" ended: its conversation is unknown
+    assert refused == {(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, "c"): grpc.StatusCode.ALREADY_EXISTS.value[0],
+                       (pb.SESSION_REQUEST_KIND_CLOSE_CONVERSATION, "nope"): grpc.StatusCode.NOT_FOUND.value[0]}
 
 
 def test_slow_reader_is_cut_off_without_stalling_the_engine(tiny_bundle, tmp_path):

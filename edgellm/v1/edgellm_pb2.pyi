@@ -17,6 +17,14 @@ class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIORITY_NORMAL: _ClassVar[Priority]
     PRIORITY_BACKGROUND: _ClassVar[Priority]
 
+class SessionRequestKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_REQUEST_KIND_UNSPECIFIED: _ClassVar[SessionRequestKind]
+    SESSION_REQUEST_KIND_START: _ClassVar[SessionRequestKind]
+    SESSION_REQUEST_KIND_CANCEL: _ClassVar[SessionRequestKind]
+    SESSION_REQUEST_KIND_OPEN_CONVERSATION: _ClassVar[SessionRequestKind]
+    SESSION_REQUEST_KIND_CLOSE_CONVERSATION: _ClassVar[SessionRequestKind]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -29,6 +37,11 @@ PRIORITY_UNSPECIFIED: Priority
 PRIORITY_INTERACTIVE: Priority
 PRIORITY_NORMAL: Priority
 PRIORITY_BACKGROUND: Priority
+SESSION_REQUEST_KIND_UNSPECIFIED: SessionRequestKind
+SESSION_REQUEST_KIND_START: SessionRequestKind
+SESSION_REQUEST_KIND_CANCEL: SessionRequestKind
+SESSION_REQUEST_KIND_OPEN_CONVERSATION: SessionRequestKind
+SESSION_REQUEST_KIND_CLOSE_CONVERSATION: SessionRequestKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -155,16 +168,30 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("id", "tokens", "finished", "error")
+    __slots__ = ("id", "tokens", "finished", "error", "refused")
     ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     id: str
     tokens: TokenChunk
     finished: Finished
     error: RequestError
-    def __init__(self, id: _Optional[str] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    refused: Refused
+    def __init__(self, id: _Optional[str] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...
+
+class Refused(_message.Message):
+    __slots__ = ("kind", "id", "code", "message")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: SessionRequestKind
+    id: str
+    code: int
+    message: str
+    def __init__(self, kind: _Optional[_Union[SessionRequestKind, str]] = ..., id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "finished")

@@ -62,8 +62,13 @@ class InferenceServicer:
     def Session(self, request_iterator, context):
         """A bidirectional stream carrying many requests at once, each named by a client-chosen id.
         The client sends start, cancel and open/close-conversation messages; the server sends tokens,
-        finished and error messages tagged with the request (or conversation) id. The stream ends when the client closes its side and
-        every request on it has finished (or when the client goes away, which cancels them all).
+        finished and error messages tagged with the request id, and `refused` for a message it did not
+        act on (see SessionResponse for exactly what follows what). The stream ends with OK when the
+        client has closed its side and every request on it has ended; when the client goes away, its
+        requests are cancelled and its conversations closed. Problems with one request or one message
+        never end the stream; the stream itself fails only with INVALID_ARGUMENT (a SessionRequest that
+        cannot be parsed: nothing after it is read) or INTERNAL (the server failed reading the stream),
+        besides the call's own CANCELLED / DEADLINE_EXCEEDED and the access checks' statuses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,14 +77,19 @@ class InferenceServicer:
     def Generate(self, request, context):
         """One request, its tokens streamed back; the last message carries `finished`.
         Invalid requests fail the call with INVALID_ARGUMENT; a full queue with RESOURCE_EXHAUSTED and
-        trailing metadata "retry-after-ms".
+        trailing metadata "retry-after-ms"; a server that is draining with UNAVAILABLE; a failure of the
+        server's own before any token was sent with INTERNAL (after tokens: `finished` with
+        FINISH_REASON_ERROR).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Turns text into the model's token ids (no special tokens added unless the tokenizer adds BOS).
+        """Turns text into the model's token ids exactly as a text prompt is read: special-token text in it
+        (e.g. "<|im_end|>") becomes that special token's id; nothing else is added unless the tokenizer adds BOS.
+        Chat message contents are read differently: as plain text.
+        Takes texts up to the server's prompt size limit in bytes (see the docs); longer: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
