@@ -264,6 +264,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     yield pb.GenerateResponse(tokens=token_message(ev))
                 else:
                     done = True
+                    if ev.reason is FinishReason.UNAVAILABLE:  # ended unstarted by the drain: retry elsewhere
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, ev.message)
                     yield pb.GenerateResponse(finished=finished_message(ev))
         finally:
             if not done:  # the client went away or the call was cancelled
@@ -379,7 +381,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                         if rid in turns:
                             conversation_turn_done(rid, ev)
                         live.pop(rid, None)
-                        yield pb.SessionResponse(id=rid, finished=finished_message(ev))
+                        if ev.reason is FinishReason.UNAVAILABLE:  # ended unstarted by the drain: retry elsewhere
+                            yield pb.SessionResponse(id=rid, error=pb.RequestError(
+                                code=grpc.StatusCode.UNAVAILABLE.value[0], message=ev.message))
+                        else:
+                            yield pb.SessionResponse(id=rid, finished=finished_message(ev))
         finally:
             reader.cancel()
             for seq in live.values():  # the client went away: nobody reads these any more

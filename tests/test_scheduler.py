@@ -7,16 +7,28 @@ slots, cache reuse or re-prefill after preemption changes the generated tokens.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import queue
+import socket
+import subprocess
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import StepGate, wait_until
+from conftest import DaemonThread, StepGate, generate, wait_until
 from daemon.sampling import SamplingParams
 from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
                               TokenEvent, decode_rows, decode_shapes)
+from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 VOCAB = 97
 EOS = 96
@@ -679,3 +691,186 @@ def test_the_retry_hint_is_within_2x_of_the_time_the_backlog_takes(new_tokens):
             submit()
     hint, truth = refused.value.retry_after_s, backlog_s()
     assert truth / 2 <= hint <= truth * 2, (hint, truth)
+
+
+# ---- through a real daemon ----------------------------------------------------------------------------------
+FR = pb.FinishReason
+
+
+def test_a_failed_prefill_through_the_daemon_ends_that_request_alone(daemon, monkeypatch):
+    real_prefill = daemon.daemon.backend.prefill
+
+    def prefill(row, token_ids, start):
+        if list(token_ids) == [7, 7, 7]:  # the victim's prompt
+            raise RuntimeError("injected prefill failure")
+        return real_prefill(row, token_ids, start)
+
+    monkeypatch.setattr(daemon.daemon.backend, "prefill", prefill)
+    stub = daemon.stub()
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(generate, stub, token_ids=pb.TokenIds(ids=[5, 6, 7]), max_new_tokens=30, ignore_eos=True)
+        victim = pool.submit(generate, stub, token_ids=pb.TokenIds(ids=[7, 7, 7]), max_new_tokens=4, ignore_eos=True)
+        ids, _, finished = victim.result(60)
+        assert finished.reason == FR.FINISH_REASON_ERROR and ids == []
+        assert finished.message == "prefill of tokens 0..2 failed: RuntimeError: injected prefill failure"
+        ids, _, finished = other.result(60)
+        assert finished.reason == FR.FINISH_REASON_LENGTH and len(ids) == 30
+    assert wait_until(lambda: daemon.engine.slots_in_use == 0 and daemon.engine.queue_length == 0)
+
+
+def test_drain_ends_unstarted_queued_requests_at_once_with_unavailable(tiny_bundle, tmp_path, step_gate):
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "engine": {"slots": 1}}).start()
+    pool = ThreadPoolExecutor(2)
+    session_in: queue.Queue = queue.Queue()
+    try:
+        gate = step_gate(d)
+        gate.hold()
+        stub = d.stub()
+        # A background request streams two tokens; then an interactive one takes its slot: paused, with tokens.
+        paused = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), max_new_tokens=20, ignore_eos=True,
+                                                  priority=pb.PRIORITY_BACKGROUND), timeout=60)
+        gate.allow(2)
+        assert next(paused).HasField("tokens")
+        assert wait_until(lambda: d.engine.steps == 2)
+        urgent = pool.submit(generate, stub, token_ids=pb.TokenIds(ids=[9, 9]), max_new_tokens=4, ignore_eos=True,
+                             priority=pb.PRIORITY_INTERACTIVE)
+        assert wait_until(lambda: d.engine.queue_length == 1)
+        gate.allow(1)
+        assert wait_until(lambda: d.engine.steps == 3 and d.engine.queue_length == 1)  # the background one waits
+        # Two requests queue behind them without a slot or a token: a Generate and a Session request.
+        queued = pool.submit(generate, stub, token_ids=pb.TokenIds(ids=[3, 4]), max_new_tokens=4)
+        session = stub.Session(iter(session_in.get, None), timeout=60)
+        session_in.put(pb.SessionRequest(start=pb.StartRequest(id="s", request=pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[3, 5]), max_new_tokens=4))))
+        assert wait_until(lambda: d.engine.queue_length == 3)
+        drained = asyncio.run_coroutine_threadsafe(d.daemon.drain(60), d.loop)
+        assert wait_until(lambda: d.engine._refuse_queued is not None)
+        gate.allow(1)  # one step: they end at its start, without waiting for the drain period
+        with pytest.raises(grpc.RpcError) as refused:
+            queued.result(30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry on another instance" in refused.value.details()
+        msg = next(session)
+        assert msg.id == "s" and msg.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "retry on another instance" in msg.error.message
+        assert d.engine.queue_length == 1 and d.engine._waiting[0].output_ids  # the paused one keeps waiting
+        gate.open()
+        rest = list(paused)
+        assert rest[-1].finished.reason == FR.FINISH_REASON_LENGTH and rest[-1].finished.preemptions == 1
+        assert rest[-1].finished.usage.completion_tokens == 20
+        assert urgent.result(30)[2].reason == FR.FINISH_REASON_LENGTH
+        session_in.put(None)
+        assert list(session) == []
+        drained.result(30)
+        assert d.daemon.service.live == set()
+    finally:
+        session_in.put(None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        d.stop()
+
+
+# A failure injected into every decode step of a real `edgellm serve`, from outside the daemon's code: Python
+# imports sitecustomize at start-up, from the PYTHONPATH the test gives the process.
+SITECUSTOMIZE = """
+import os
+
+from daemon.backend_onnx import OnnxBackend
+
+_decode = OnnxBackend.decode
+
+
+def decode(self, binding):
+    if os.path.exists(os.environ["EDGELLM_TEST_FAIL_DECODE"]):  # after the warm-up, once the test says so
+        raise RuntimeError("injected decode failure")
+    return _decode(self, binding)
+
+
+OnnxBackend.decode = decode
+"""
+
+
+def test_an_engine_that_keeps_failing_turns_health_not_serving_and_refuses_requests(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")},
+                                   "engine": {"max_consecutive_failures": 1}}).start()
+    try:
+        channel = grpc.insecure_channel(d.daemon.addresses[0])
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+        def decode(binding):
+            raise RuntimeError("device lost")
+
+        d.daemon.backend.decode = decode
+        stub = d.stub()
+        finished = generate(stub, text="doomed", max_new_tokens=3, ignore_eos=True)[2]
+        assert finished.reason == FR.FINISH_REASON_ERROR
+        assert wait_until(d.daemon.engine_failed.is_set)
+        assert d.daemon.engine_failure == d.engine.failed
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            generate(stub, text="later", max_new_tokens=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        d.stop()
+
+
+def test_an_engine_that_keeps_failing_ends_the_daemon_with_status_1(tiny_bundle, tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    trigger = tmp_path / "fail-decode"
+    config = tmp_path / "edgellm.yaml"
+    config.write_text(yaml.safe_dump({"listen": {"unix": str(tmp_path / "s.sock")},
+                                      "engine": {"threads": 1, "max_consecutive_failures": 2}}))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(120)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), repo, os.environ.get("PYTHONPATH", "")]),
+           "EDGELLM_TEST_FAIL_DECODE": str(trigger), "NOTIFY_SOCKET": str(tmp_path / "notify"),
+           "WATCHDOG_USEC": "200000"}  # pings every 50 ms while the engine works
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--bundle", str(tiny_bundle), "--config", str(config)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "READY=1" not in notify.recv(4096).decode().split("\n"):
+            pass
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"unix:{tmp_path / 's.sock'}"))
+        assert generate(stub, text="fine", max_new_tokens=3, ignore_eos=True)[2].reason == FR.FINISH_REASON_LENGTH
+        trigger.touch()
+        ids, _, finished = generate(stub, text="first", max_new_tokens=3, ignore_eos=True)
+        assert finished.reason == FR.FINISH_REASON_ERROR and len(ids) == 1  # the token of its prefill
+        assert finished.message == "decode step (a batch of 1 requests) failed: RuntimeError: injected decode failure"
+        try:  # the second failure in a row: the engine gives up
+            generate(stub, text="second", max_new_tokens=3, ignore_eos=True)
+        except grpc.RpcError as e:  # the daemon may be gone before the request's end reaches the client
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(60) == 1
+        stderr = proc.stderr.read()
+        reason = ("2 failed steps in a row (engine.max_consecutive_failures); the last: decode failed: "
+                  "RuntimeError: injected decode failure")
+        assert f"the engine keeps failing; exiting so that the service manager restarts the daemon: {reason}" in stderr
+        assert stderr.rstrip().endswith(f"edgellm serve: error: the engine keeps failing: {reason}"), stderr[-2000:]
+        # What systemd saw: the reason as the service's status, and no watchdog ping after it.
+        notify.settimeout(0)
+        after: list[str] = []
+        try:
+            while True:
+                msg = notify.recv(4096).decode()
+                if after or f"STATUS=engine failed: {reason}" in msg.split("\n"):
+                    after.append(msg)
+        except BlockingIOError:
+            pass
+        assert after and not any("WATCHDOG=1" in m for m in after), after
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+def test_max_consecutive_failures_is_validated():
+    from daemon.config import ConfigError, parse_config
+
+    assert parse_config(None).engine.max_consecutive_failures == 3
+    with pytest.raises(ConfigError, match="'engine.max_consecutive_failures' must be at least 1, got 0"):
+        parse_config({"engine": {"max_consecutive_failures": 0}})
