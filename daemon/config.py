@@ -105,7 +105,8 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
-_MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0, "engine.max_consecutive_failures": 1,
+_MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
+             "engine.max_consecutive_failures": 1,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
              "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
              "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_requests_per_connection": 1,

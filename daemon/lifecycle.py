@@ -198,7 +198,8 @@ class Daemon:
             return
         service.draining = True
         self._set_serving(False)
-        self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")  # rel-engine
+        # rel-engine: queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
+        self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         running = len(service.live)
         log.info("draining: %d requests running, up to %gs", running, grace)
         self.notifier.stopping(f"draining: {running} requests running, up to {grace:g}s")

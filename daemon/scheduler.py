@@ -435,7 +435,8 @@ class Engine:
         if prefilled:
             self._prefill_token_s = _moving_average(self._prefill_token_s, prefill_s / prefilled)
         if decoded:
-            self._decode_step_s[decoded] = _moving_average(self._decode_step_s.get(decoded), self.clock() - now - prefill_s)
+            decode_s = self.clock() - now - prefill_s
+            self._decode_step_s[decoded] = _moving_average(self._decode_step_s.get(decoded), decode_s)
 
     def _reap(self, now: float) -> None:
         """End sequences that were cancelled or ran past their deadline; release closed conversations."""
