@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -206,11 +208,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 # Until a step has been measured, the retry hint assumes this many seconds per token (a small CPU's pace).
 DEFAULT_TOKEN_S = 0.05
-_RATE_WEIGHT = 0.2  # weight of the newest step in the moving averages of the service rates
-
-
-def _moving_average(old: float | None, new: float, weight: float = _RATE_WEIGHT) -> float:
-    return new if old is None else old + weight * (new - old)
+# The retry hint takes the mean of this many recent steps (a mean, since what counts is the total time).
+PACE_WINDOW = 64
+_RATIO_WEIGHT = 0.1  # weight of the newest finished request in the moving average of the completion ratio
 
 
 class Engine:
@@ -245,9 +245,11 @@ class Engine:
         # Measured service, for the retry hint: seconds per prompt token prefilled; seconds per decode step
         # (the step's time less its prefill) by the number of sequences it decoded, since a step of 4 costs
         # far less than 4 of 1; and the share of max_new_tokens that requests end up generating.
-        self._prefill_token_s: float | None = None
-        self._decode_step_s: dict[int, float] = {}
+        self._prefill_token_s: deque[float] = deque(maxlen=PACE_WINDOW)
+        self._decode_step_s: dict[int, deque[float]] = {}
         self._completion_ratio = 1.0
+        # The last step, timed when the next one starts: (its start, prefill seconds, tokens prefilled, decoded).
+        self._last_step: tuple[float, float, int, int] | None = None
         self.steps = 0
         # Failed model calls in a row, per kind ("prefill", "decode"; "step" for a step that raised elsewhere):
         # a success of the same kind resets it. At max_consecutive_failures the engine gives up (see _give_up).
@@ -312,7 +314,9 @@ class Engine:
 
         The work: every running and waiting request's prompt tokens not yet prefilled, and the tokens it has
         yet to decode (its max_new_tokens, scaled by the share recent requests used). The pace: seconds per
-        prefilled token, and per decoded token in steps as full as the work allows (or the nearest measured)."""
+        prefilled token, and per decode step as full as the work allows, shared by the tokens it decodes; where
+        no step that full was measured, the nearest size's (a decode step reads the weights once: its time
+        grows little with its rows)."""
         work = [*self.running, *self._waiting]  # a copy: the engine thread may change `running` meanwhile
         prefill = decode = 0
         for s in work:
@@ -322,9 +326,9 @@ class Engine:
         steps = dict(self._decode_step_s)
         batch = max(min(self.backend.slots, len(work)), 1)
         nearest = min(steps, key=lambda k: abs(k - batch), default=None)
-        decode_s = steps[nearest] / nearest if nearest else self._prefill_token_s or DEFAULT_TOKEN_S
-        prefill_s = self._prefill_token_s or decode_s
-        return max(0.1, prefill * prefill_s + decode * decode_s)
+        prefill_s = statistics.fmean(self._prefill_token_s) if self._prefill_token_s else None
+        decode_s = statistics.fmean(steps[nearest]) / batch if nearest else prefill_s or DEFAULT_TOKEN_S
+        return max(0.1, prefill * (prefill_s or decode_s) + decode * decode_s)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgellm-engine", daemon=True)
@@ -347,6 +351,7 @@ class Engine:
         while True:
             with self._cond:
                 while not self._stopping and self._idle():
+                    self._last_step = None  # time spent idle is no step's
                     self._cond.wait(self.heartbeat_s)
                     self._beat()
                 if self._stopping:
@@ -411,6 +416,7 @@ class Engine:
     def step(self) -> None:
         """End, admit, prefill one chunk, decode one token for everyone decoding, deliver events."""
         now = self.clock()
+        self._time_last_step(now)
         self._reap(now)
         self._admit(now)
         prefilling = next((s for s in self.running if s.cached < s.prefill_target()), None)
@@ -430,13 +436,21 @@ class Engine:
             self.metrics.tokens_per_step.observe(prefilled + decoded)
         self.steps += 1
         self._flush()
-        # The pace for retry hints: a prefill's share of the step, and the rest of the step (the decode call,
-        # sampling, handing events over) for a decode of this many sequences.
+        self._last_step = (now, prefill_s, prefilled, decoded)
+
+    def _time_last_step(self, now: float) -> None:
+        """Record the pace for retry hints: a prefill's seconds per token, and the rest of the last step until
+        this one starts for a decode of that many sequences. Until this one starts, because the event loop
+        streaming the step's tokens takes the GIL in between: that is as much the service's cost as the model."""
+        if self._last_step is None:
+            return
+        start, prefill_s, prefilled, decoded = self._last_step
         if prefilled:
-            self._prefill_token_s = _moving_average(self._prefill_token_s, prefill_s / prefilled)
+            self._prefill_token_s.append(prefill_s / prefilled)
         if decoded:
-            decode_s = self.clock() - now - prefill_s
-            self._decode_step_s[decoded] = _moving_average(self._decode_step_s.get(decoded), decode_s)
+            if decoded not in self._decode_step_s:
+                self._decode_step_s[decoded] = deque(maxlen=PACE_WINDOW)
+            self._decode_step_s[decoded].append(now - start - prefill_s)
 
     def _reap(self, now: float) -> None:
         """End sequences that were cancelled or ran past their deadline; release closed conversations."""
@@ -673,7 +687,7 @@ class Engine:
         self.metrics.requests.labels(seq.priority.name.lower(), reason.value).inc()
         self.class_metrics[seq.priority].request_duration.observe(end - seq.arrival)
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self._completion_ratio = _moving_average(self._completion_ratio, len(seq.output_ids) / seq.max_new_tokens)
+            self._completion_ratio += _RATIO_WEIGHT * (len(seq.output_ids) / seq.max_new_tokens - self._completion_ratio)
         self._events.append((seq, FinishEvent(
             reason, len(seq.prompt_ids), len(seq.output_ids), started - seq.arrival,
             (seq.first_token - seq.arrival) if seq.first_token else 0.0, end - seq.arrival,
