@@ -357,19 +357,26 @@ class Engine:
                 if self._stopping:
                     break
             try:
-                if self.failed is not None:
-                    self._end_all(FinishReason.ERROR, f"the engine stopped serving: {self.failed}")
-                    continue
-                self.step()
-                self._failures["step"] = 0
-            except Exception as e:  # outside any one request's work: end the running ones, never the engine
-                log.exception("engine step failed")
-                self._count_failure("step", e)
-                self._end_running_after(e)
-            self._beat()
-            if max(self._failures.values()) >= self.max_consecutive_failures and self.failed is None:
-                self._give_up()
+                self._turn()
+            except Exception:  # the failure handling itself failed: no heartbeat for this turn, the loop goes on
+                log.exception("the engine loop failed")
         self._end_all(FinishReason.CANCELLED, "the server is shutting down")
+
+    def _turn(self) -> None:
+        """One step with its failures counted, or, once the engine has given up, the end of what came in."""
+        if self.failed is not None:
+            self._end_all(FinishReason.ERROR, f"the engine stopped serving: {self.failed}")
+            return
+        try:
+            self.step()
+            self._failures["step"] = 0
+        except Exception as e:  # outside any one request's work: end the running ones, never the engine
+            log.exception("engine step failed")
+            self._count_failure("step", e)
+            self._end_running_after(e)
+        self._beat()
+        if max(self._failures.values()) >= self.max_consecutive_failures:
+            self._give_up()
 
     def _beat(self) -> None:
         """Proof of progress for the watchdog; none once the engine has given up, so systemd sees it."""
