@@ -48,6 +48,9 @@ class EngineConfig:
     pin_threads: bool = True  # CPU backend: the step's threads and the gRPC side's on fixed CPUs (daemon/thread_placement.py)
     prefill_chunk_tokens: int = 32  # most prompt tokens prefilled per step while others decode (their inter-token latency)
     max_queued: int = 64  # requests waiting for a slot; beyond this new ones get RESOURCE_EXHAUSTED
+    # Failed model calls (prefill or decode) in a row after which the engine gives up: health NOT_SERVING,
+    # no more watchdog pings, and `edgellm serve` exits with status 1 so that systemd restarts it.
+    max_consecutive_failures: int = 3
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Config:
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
+             "engine.max_consecutive_failures": 1,
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
              "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
              "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_prompt_bytes": 0,

@@ -26,7 +26,7 @@ from daemon.config import Config, split_host_port
 from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
 from daemon.metrics import EngineMetrics, serve_metrics
 from daemon.request_log import reopen_log_files
-from daemon.scheduler import Engine, decode_shapes
+from daemon.scheduler import Engine, EngineFailed, decode_shapes
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
@@ -103,16 +103,23 @@ class Daemon:
         self._own_unix_socket: str | None = None
         self._relay_dir: str | None = None
         self._stopped = False
+        # rel-engine: set when the engine gives up (engine.max_consecutive_failures); run_daemon then exits non-zero.
+        self.engine_failure: str | None = None
+        self.engine_failed = asyncio.Event()
 
     async def start(self) -> None:
         cfg = self.config
         watchdog = self.notifier.watchdog_s
+        loop = asyncio.get_running_loop()
         self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
                              prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
-                             loop=asyncio.get_running_loop(), metrics=self.metrics,
+                             loop=loop, metrics=self.metrics,
                              heartbeat=self.notifier.progress if watchdog else None,
                              heartbeat_s=watchdog / 4 if watchdog else None,
-                             cpu=self.placement.engine_cpu if self.placement else None)
+                             cpu=self.placement.engine_cpu if self.placement else None,
+                             # rel-engine: the engine thread reports giving up; the rest happens on this loop.
+                             max_consecutive_failures=cfg.engine.max_consecutive_failures,
+                             on_failure=lambda reason: loop.call_soon_threadsafe(self._engine_gave_up, reason))
         if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
             pin_current_thread(self.placement.service_cpu)
         connections = Connections()
@@ -170,13 +177,28 @@ class Daemon:
                         address_of(exposed[0]))
         return listeners
 
+    def _engine_gave_up(self, reason: str) -> None:
+        """rel-engine: the engine failed too often (it has ended every request): stop serving, for run_daemon to exit."""
+        log.error("the engine keeps failing; exiting so that the service manager restarts the daemon: %s", reason)
+        if self.service:
+            self.service.draining = True  # new requests: UNAVAILABLE
+        self._set_serving(False)
+        self.notifier.status(f"engine failed: {reason}")
+        self.engine_failure = reason
+        self.engine_failed.set()
+
     async def drain(self, grace: float) -> None:
-        """Refuse new requests (UNAVAILABLE), let running ones go on for up to `grace` seconds, then cancel the rest."""
+        """Refuse new requests (UNAVAILABLE), let running ones go on for up to `grace` seconds, then cancel the rest.
+
+        Queued requests that have not started (no slot, no token) end at once with UNAVAILABLE: they can retry
+        elsewhere now rather than wait out the drain period."""
         service = self.service
         if service is None or service.draining:
             return
         service.draining = True
         self._set_serving(False)
+        # rel-engine: queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
+        self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         running = len(service.live)
         log.info("draining: %d requests running, up to %gs", running, grace)
         self.notifier.stopping(f"draining: {running} requests running, up to {grace:g}s")
@@ -276,10 +298,17 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "
                        f"{', '.join(daemon.addresses)}")
         print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
-        await stop.wait()
-        log.info("stopping")
-        await daemon.drain(config.service.drain_seconds)
-        notifier.status("stopping")
+        # rel-engine: serve until a signal, or until the engine gives up.
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.engine_failed.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if daemon.engine_failure is None:
+            log.info("stopping")
+            await daemon.drain(config.service.drain_seconds)
+            notifier.status("stopping")
     finally:
         await daemon.stop(0)
         notifier.close()
+    if daemon.engine_failure is not None:  # rel-engine: `edgellm serve` exits 1; systemd's Restart=on-failure
+        raise EngineFailed(f"the engine keeps failing: {daemon.engine_failure}")

@@ -41,6 +41,7 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_DURATION_SECONDS = 315_576_000_000
 # Normalizers (NFC, NFKC) can merge up to 4 bytes of input into one byte ("\U0001d400" -> "A" under NFKC).
 NORMALIZER_SLACK = 4
+_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}  # RequestError.code -> the status Generate ends with
 _PRIORITIES = {pb.PRIORITY_UNSPECIFIED: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
                pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_BACKGROUND: Priority.BACKGROUND}
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -86,6 +87,7 @@ class Request:
     conversation: ConversationState | None = None
     reply_text: list[str] = field(default_factory=list)  # conversation turns: what was streamed
     reply_ids: list[int] = field(default_factory=list)
+    earlier_messages: list[tuple[str, str]] | None = None  # a chat turn: the conversation's messages before it
     streamed: bool = False  # tokens went out: a failure now ends it with FINISH_REASON_ERROR, not an error status
     failed: bool = False  # a Failure is on its way to the client; later events only settle the engine's side
     ended: bool = False  # the client has its last message (or is about to)
@@ -468,7 +470,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                 request.reply_text.append(ev.text)
                 request.reply_ids += ev.token_ids
             return "tokens", chunk
-        if isinstance(ev, FinishEvent):
+        if isinstance(ev, FinishEvent) and ev.reason is FinishReason.UNAVAILABLE:  # unstarted at a drain: retry elsewhere
+            reply = "error", pb.RequestError(code=grpc.StatusCode.UNAVAILABLE.value[0], message=ev.message)
+        elif isinstance(ev, FinishEvent):
             reply = "finished", finished_message(ev)
         elif request.streamed:
             reply = "finished", pb.Finished(reason=pb.FINISH_REASON_ERROR, message=ev.message)
@@ -509,7 +513,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     self._fail(r, "building the response", e)
                     continue
                 if kind == "error":
-                    await context.abort(grpc.StatusCode.INTERNAL, body.message)
+                    await context.abort(_STATUS_CODES[body.code], body.message)
                 yield pb.GenerateResponse(**{kind: body})
         finally:
             if not r.ended:  # the client went away or the call was cancelled
@@ -546,7 +550,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     messages = [*(conv.messages or []), *((m.role, m.content) for m in msg.request.chat.messages)]
                 await self._start(r, msg.request, context.time_remaining(), conv)
                 if conv is not None:  # assignments only: nothing here can fail once the engine has the request
-                    r.conversation = conv
+                    r.conversation, r.earlier_messages = conv, conv.messages
                     conv.kind = conv.kind or kind
                     if conv.kind == "chat":
                         conv.messages = messages
@@ -564,10 +568,13 @@ class InferenceService(pb_grpc.InferenceServicer):
                     err.retry_after.CopyFrom(_duration(e.retry_after_s))
                 out.put_nowait(pb.SessionResponse(id=rid, error=err))
 
-        def turn_done(r: Request, ev: FinishEvent | Failure) -> None:
+        def turn_done(r: Request, ev: FinishEvent | Failure, answered: bool) -> None:
             conv = r.conversation
             conv.running = None
-            if conv.kind == "chat":
+            if not answered:  # failed or refused at a drain before any token: the turn did not happen
+                if conv.kind == "chat":
+                    conv.messages = r.earlier_messages
+            elif conv.kind == "chat":
                 conv.messages.append(("assistant", "".join(r.reply_text)))
             else:
                 conv.history_ids = [*r.seq.prompt_ids, *(ev.output_ids if isinstance(ev, FinishEvent) else r.reply_ids)]
@@ -650,7 +657,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     if r.ended:
                         del live[r.id]
                         if r.conversation is not None:
-                            turn_done(r, ev)
+                            turn_done(r, ev, answered=kind != "error")
                     yield pb.SessionResponse(id=r.id, **{kind: body})
         finally:
             reader.cancel()

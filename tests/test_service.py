@@ -499,8 +499,9 @@ def test_metrics_endpoint_shows_requests(metered):
     assert value('edgellm_inter_token_latency_seconds_count{priority="normal"}') >= 12
     assert value('edgellm_queue_time_seconds_count{priority="normal"}') >= 3
     assert value('edgellm_request_duration_seconds_count{priority="normal"}') >= 3
+    # Every request has ended: no slot in use, nothing queued, no cache kept (no conversation was opened).
     for gauge in ("edgellm_slots_in_use", "edgellm_queue_length", "edgellm_kv_cache_tokens"):
-        assert value(gauge) >= 0
+        assert value(gauge) == 0, gauge
 
 
 def test_one_log_line_per_request(metered, caplog):
