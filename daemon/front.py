@@ -46,9 +46,13 @@ RELAY_CHUNK = 64 * 1024
 RELAY_GRACE_S = 5.0  # at stop: how long relays may take to deliver what the stopped gRPC server wrote last
 RELAY_DIR_PREFIX = "edgellm-relay-"  # + "<pid>-<random>": a folder whose daemon is gone can be told apart
 FDS_PER_CONNECTION = 3  # the client's socket, the relay's socket to the gRPC server, the gRPC server's end of it
-# Descriptors kept for everything but client connections: listeners, the model's files, gRPC's and ONNX
-# Runtime's internals, logs, and the metrics endpoint's connections. An idle daemon uses about 40.
-FD_RESERVE = 96 + METRICS_MAX_CONNECTIONS
+# asyncio accepts up to this many connections in one go (the listen backlog it sets) before any is counted
+# against the bound, and closed if beyond it.
+ACCEPT_BATCH = 100
+# Descriptors kept for everything but client connections: the daemon's own (listeners, the model's files,
+# gRPC's and ONNX Runtime's internals, logs, a GPU's device nodes), a batch of connections accepted but not
+# yet counted, and the metrics endpoint's connections and its own accept batch (docs/limits.md).
+FD_RESERVE = 96 + ACCEPT_BATCH + 2 * METRICS_MAX_CONNECTIONS
 REFUSED_LOG_INTERVAL_S = 10.0  # at most one log line this often about connections refused at the bound
 
 
@@ -214,10 +218,10 @@ class FrontDoor:
         for sock in self.listeners:
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(self._accepted, sock=sock)
+                server = await asyncio.start_unix_server(self._accepted, sock=sock, backlog=ACCEPT_BATCH)
             else:
                 # TLS starts in _accepted, once the connection counts against the bound.
-                server = await asyncio.start_server(self._accepted, sock=sock)
+                server = await asyncio.start_server(self._accepted, sock=sock, backlog=ACCEPT_BATCH)
             self._servers.append(server)
         if self.metrics:
             await self.metrics.start()
@@ -257,8 +261,8 @@ class FrontDoor:
         self._refused_unlogged += 1
         now = time.monotonic()
         if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
-            log.warning("refused %d connections: %d open, the bound (limits.max_connections)",
-                        self._refused_unlogged, self.open_connections)
+            log.warning("connections refused: %d open is the bound (limits.max_connections); %d refused since "
+                        "the last line like this", self.open_connections, self._refused_unlogged)
             self._refused_logged_at, self._refused_unlogged = now, 0
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -281,7 +285,7 @@ class FrontDoor:
                 peer = Peer("tcp", address=f"{host}:{port}", tls=self.tls is not None,
                             client_cert=_subject(cert) if cert else None)
             await self._relay(reader, writer, peer)
-        except (OSError, ssl.SSLError, TimeoutError) as e:  # a failed TLS handshake, a client gone before its turn
+        except OSError as e:  # a failed or timed-out TLS handshake (ssl.SSLError, ConnectionAbortedError), a reset
             log.debug("connection closed before it was relayed: %s", e)
         finally:
             self.open_connections -= 1

@@ -110,7 +110,8 @@ class MetricsEndpoint:
     async def start(self) -> None:
         host, port = split_host_port(self.address, "service.metrics")
         try:
-            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD)
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD,
+                                                      backlog=METRICS_MAX_CONNECTIONS)
         except OSError as e:
             raise OSError(f"service.metrics: cannot listen on {self.address}: {os.strerror(e.errno) if e.errno else e}") from None
         self.port = self._server.sockets[0].getsockname()[1]

@@ -109,7 +109,7 @@ def test_a_killed_daemon_leaves_nothing_that_stops_the_next_start(tiny_bundle, s
 
 
 def test_a_low_open_file_limit_is_raised_and_bounds_the_connections(tiny_bundle, short_tmp):
-    soft, hard = 128, 256
+    soft, hard = 128, 320
     bound = (hard - FD_RESERVE) // FDS_PER_CONNECTION
     sock = short_tmp / "s.sock"
     d = Serve(short_tmp, ["--bundle", str(tiny_bundle), "--unix", str(sock)], {"TMPDIR": str(short_tmp)},
@@ -118,14 +118,14 @@ def test_a_low_open_file_limit_is_raised_and_bounds_the_connections(tiny_bundle,
     try:
         d.wait_ready()
         limits = Path(f"/proc/{d.pid}/limits").read_text()
-        assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == [["256", "256"]]
+        assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == [[str(hard)] * 2]
         assert f"soft limit raised from {soft} to the hard limit, {hard}" in d.log()
         assert f"limits.max_connections: 512 lowered to {bound} to fit the open-file limit ({hard}" in d.log()
         for _ in range(bound):
             held.append(H2(f"unix:{sock}"))
             held[-1].handshake()  # each one relayed all the way to the gRPC server
         extra = H2(f"unix:{sock}")
-        extra.sock.sendall(PREFACE + frame(SETTINGS))
+        extra.send(PREFACE + frame(SETTINGS))
         assert extra.frame() is CLOSED
         extra.close()
         assert len(os.listdir(f"/proc/{d.pid}/fd")) < hard - 16  # the bound held with room to spare
