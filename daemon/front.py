@@ -117,7 +117,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process now has this id
-        return True
+        pass
     return True
 
 
@@ -181,15 +181,17 @@ class FrontDoor:
     """Accepts clients on the public sockets and relays each one to the gRPC server's private socket."""
 
     def __init__(self, grpc_path: str, relay_dir: str, connections: Connections, tls: ssl.SSLContext | None,
-                 max_connections: int = 512, handshake_timeout_s: float = 10.0,
+                 max_connections: int = 512, handshake_timeout_s: float = 10.0, idle_timeout_s: float = 120.0,
                  on_refused: Callable[[], None] | None = None):
-        """`max_connections`: the bound (see connection_bound); `on_refused` is called for each connection closed at it."""
+        """`max_connections`: the bound (see connection_bound); `on_refused` is called for each connection closed at
+        it; `idle_timeout_s`: how long a client may leave what is sent to it unread."""
         self.grpc_path = grpc_path
         self.relay_dir = relay_dir
         self.connections = connections
         self.tls = tls
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.on_refused = on_refused
         self.open_connections = 0  # in the TLS handshake or relayed; read by a gauge from other threads
         self.metrics: MetricsEndpoint | None = None
@@ -285,6 +287,9 @@ class FrontDoor:
                 peer = Peer("tcp", address=f"{host}:{port}", tls=self.tls is not None,
                             client_cert=_subject(cert) if cert else None)
             await self._relay(reader, writer, peer)
+        except asyncio.CancelledError:  # the front door stops: what the client has not taken is dropped
+            writer.transport.abort()
+            raise
         except OSError as e:  # a failed or timed-out TLS handshake (ssl.SSLError, ConnectionAbortedError), a reset
             log.debug("connection closed before it was relayed: %s", e)
         finally:
@@ -303,7 +308,7 @@ class FrontDoor:
             self.connections.add(relay_path, peer)
             await self._loop.sock_connect(inner, self.grpc_path)
             inner_reader, inner_writer = await asyncio.open_unix_connection(sock=inner)
-            await asyncio.gather(_pipe(reader, inner_writer), _pipe(inner_reader, writer))
+            await asyncio.gather(_pipe(reader, inner_writer), _pipe(inner_reader, writer, self.idle_timeout_s))
         except OSError as e:
             log.warning("cannot relay %s to the gRPC server: %s", peer.describe(), e)
         finally:
@@ -311,12 +316,22 @@ class FrontDoor:
             inner.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until EOF, waiting for the far side to take each chunk (backpressure), then close it."""
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stall_timeout_s: float | None = None) -> None:
+    """Copy until EOF, waiting for the far side to take each chunk (backpressure), then close it.
+
+    A far side that takes nothing for `stall_timeout_s` while data waits for it is cut off: a client that
+    stops reading would otherwise hold its connection (and a call the gRPC server cannot finish) forever."""
     try:
         while data := await reader.read(RELAY_CHUNK):
+            if writer.transport.is_closing():  # the far side is gone
+                break
             writer.write(data)
-            await writer.drain()
+            if writer.transport.get_write_buffer_size():  # only then can drain() wait: no timer per chunk otherwise
+                async with asyncio.timeout(stall_timeout_s):
+                    await writer.drain()
+    except TimeoutError:
+        log.info("relay: cut off a client that read nothing for %gs (limits.idle_timeout_s)", stall_timeout_s)
+        writer.transport.abort()
     except (ConnectionError, ssl.SSLError, OSError):
         pass
     finally:

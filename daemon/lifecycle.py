@@ -155,6 +155,7 @@ class Daemon:
         self.front = FrontDoor(grpc_path, self._relay_dir, connections, self.tls,
                                max_connections=connection_bound(cfg.limits.max_connections),
                                handshake_timeout_s=cfg.limits.handshake_timeout_s,
+                               idle_timeout_s=cfg.limits.idle_timeout_s,
                                on_refused=self.metrics.connections_refused.inc)
         self.metrics.bind_connections(lambda: self.front.open_connections)
         if cfg.service.metrics:
@@ -226,10 +227,11 @@ class Daemon:
             return
         self._stopped = True
         await self.drain(grace)
-        if self.server:
-            await self.server.stop(1.0)  # streams already ended send their last messages; idle ones are closed
-        if self.front:
-            await asyncio.get_running_loop().run_in_executor(None, self.front.stop)
+        # Side by side: the relays deliver what the stopping gRPC server writes last (streams already ended send
+        # their last messages; idle ones are closed), and the front door's stop cuts off, after its grace, a
+        # client that reads nothing, whose pending writes would otherwise hold up gRPC's stop.
+        await asyncio.gather(*([self.server.stop(1.0)] if self.server else []),
+                             *([asyncio.get_running_loop().run_in_executor(None, self.front.stop)] if self.front else []))
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
         if self._own_unix_socket:

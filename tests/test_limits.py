@@ -4,11 +4,13 @@ daemons (in process), real sockets; raw HTTP/2 frames where a gRPC client would 
 
 from __future__ import annotations
 
+import fcntl
 import queue
 import re
 import socket
 import ssl
 import struct
+import termios
 import threading
 import urllib.error
 import urllib.request
@@ -25,10 +27,12 @@ from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x1, 0x3, 0x4, 0x6, 0x7
-ACK = 0x1
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+ACK = END_STREAM = 0x1
 END_HEADERS = 0x4
 SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+MAX_WINDOW = 2**31 - 1
 ENHANCE_YOUR_CALM = 0xB
 CLOSED = None  # what H2.frame returns once the server has closed the connection
 
@@ -42,10 +46,13 @@ def _literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
 
 
-# HPACK: :method POST and :scheme http from the static table, then :path, :authority and the gRPC headers.
-PATH = b"/grpc.health.v1.Health/Check"
-CALL_HEADERS = (b"\x83\x86" + b"\x04" + bytes([len(PATH)]) + PATH + b"\x01\x01x" +
-                _literal(b"content-type", b"application/grpc") + _literal(b"te", b"trailers"))
+def call_headers(path: bytes) -> bytes:
+    """HPACK: :method POST and :scheme http from the static table, then :path, :authority and the gRPC headers."""
+    return (b"\x83\x86" + b"\x04" + bytes([len(path)]) + path + b"\x01\x01x" +
+            _literal(b"content-type", b"application/grpc") + _literal(b"te", b"trailers"))
+
+
+CALL_HEADERS = call_headers(b"/grpc.health.v1.Health/Check")
 
 
 class Frame(NamedTuple):
@@ -75,9 +82,9 @@ class H2:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def handshake(self) -> dict[int, int]:
-        """Preface and SETTINGS both ways; returns the server's settings."""
-        self.send(PREFACE + frame(SETTINGS))
+    def handshake(self, settings: bytes = b"") -> dict[int, int]:
+        """Preface and SETTINGS both ways (ours: `settings`, packed); returns the server's settings."""
+        self.send(PREFACE + frame(SETTINGS, 0, settings))
         while True:
             got = self.frame()
             assert got is not CLOSED, "the server closed the connection during the handshake"
@@ -202,6 +209,22 @@ def test_the_bound_is_lowered_to_fit_the_open_file_limit(caplog):
     assert connection_bound(512, 10) == 1  # a silly limit still serves one client
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"limits": {"max_connections": 0}}, "'limits.max_connections' must be at least 1"),
+    ({"limits": {"handshake_timeout_s": 0}}, "'limits.handshake_timeout_s' must be at least 0.1"),
+    ({"limits": {"idle_timeout_s": 10**6}}, "'limits.idle_timeout_s' must be at most 86400"),
+    ({"limits": {"max_streams_per_connection": 0}}, "'limits.max_streams_per_connection' must be at least 1"),
+    ({"limits": {"min_ping_interval_s": -1}}, "'limits.min_ping_interval_s' must be at least 0"),
+    ({"service": {"metrics_timeout_s": 0}}, "'service.metrics_timeout_s' must be at least 0.1"),
+])
+def test_limit_settings_are_checked(data, message):
+    from daemon.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert message in str(e.value)
+
+
 def test_the_service_unit_gives_room_for_the_default_bound():
     from daemon.config import LimitsConfig
 
@@ -278,6 +301,53 @@ def test_idle_connections_are_closed_through_the_relay_and_calls_in_flight_keep_
         channel.close()
     finally:
         d.stop()
+
+
+def stalled_client(d: DaemonThread) -> H2:
+    """A client that asks for 1 MiB of answers (4 times what the sockets on the way hold) and reads none of them,
+    returned once its socket is full: the relay then waits on it with the rest."""
+    text = "日本語のテキスト。😀 🎉 " * 4000
+    with grpc.insecure_channel(d.daemon.addresses[0]) as channel:
+        answer = pb_grpc.InferenceStub(channel).Tokenize(pb.TokenizeRequest(text=text), timeout=30)
+    assert wait_until(lambda: d.daemon.front.open_connections == 0)
+    message = pb.TokenizeRequest(text=text).SerializeToString()
+    c = H2(d.daemon.addresses[0])
+    # Windows wide open, so the server may send it all at once; then the client reads nothing more.
+    c.handshake(struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW))
+    c.send(frame(WINDOW_UPDATE, 0, struct.pack(">I", MAX_WINDOW - 65535)))
+    for n in range(1024 * 1024 // answer.ByteSize() + 1):
+        c.send(frame(HEADERS, END_HEADERS, call_headers(b"/edgellm.v1.Inference/Tokenize"), stream=2 * n + 1) +
+               frame(DATA, END_STREAM, b"\x00" + struct.pack(">I", len(message)) + message, stream=2 * n + 1))
+
+    def unread() -> int:
+        return struct.unpack("i", fcntl.ioctl(c.sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+    assert wait_until(lambda: unread() >= 128 * 1024, timeout=20)
+    return c
+
+
+def test_a_client_that_stops_reading_is_cut_off(tiny_bundle, tmp_path):
+    """Its calls cannot finish, so its connection never goes idle: the relay cuts it off once it has taken
+    nothing for limits.idle_timeout_s."""
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 1.0}}).start()
+    try:
+        c = stalled_client(d)
+        assert wait_until(lambda: d.daemon.front.open_connections == 0, timeout=20)
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_the_stop(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 600}}).start()
+    c = stalled_client(d)
+    try:
+        stopped = threading.Thread(target=d.stop)  # gRPC's stop alone waited about a minute on this client
+        stopped.start()
+        stopped.join(20)
+        assert not stopped.is_alive()
+    finally:
+        c.close()
 
 
 def test_a_ping_flood_gets_goaway_and_paced_keepalive_does_not(quiet):
