@@ -83,7 +83,22 @@ def prepare_unix_socket(path: str) -> None:
     if p.exists() or p.is_symlink():
         if not stat.S_ISSOCK(p.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        if _answers(path):  # replacing it would silently take the socket from a running daemon
+            raise OSError(f"listen.unix: cannot listen on {path}: another process (a running edgellm?) serves on it")
         p.unlink()
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (a crashed daemon's file refuses them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # a full backlog (timeout), or not ours to connect to: someone is there
+            return True
+        return True
 
 
 class Daemon:

@@ -108,6 +108,22 @@ def test_a_killed_daemon_leaves_nothing_that_stops_the_next_start(tiny_bundle, s
             second.stop()
 
 
+def test_a_second_daemon_does_not_take_the_socket_of_a_running_one(tiny_bundle, short_tmp):
+    sock = short_tmp / "s.sock"
+    first = Serve(short_tmp, ["--bundle", str(tiny_bundle), "--unix", str(sock)], {"TMPDIR": str(short_tmp)})
+    try:
+        first.wait_ready()
+        r = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--bundle", str(tiny_bundle), "--unix", str(sock)],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(short_tmp)})
+        assert r.returncode == 1
+        assert f"edgellm serve: error: listen.unix: cannot listen on {sock}: another process" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert serves(f"unix:{sock}")  # still the first daemon's socket
+    finally:
+        assert first.stop() == 0
+    assert not sock.exists()
+
+
 def test_a_low_open_file_limit_is_raised_and_bounds_the_connections(tiny_bundle, short_tmp):
     soft, hard = 128, 320
     bound = (hard - FD_RESERVE) // FDS_PER_CONNECTION
