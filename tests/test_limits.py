@@ -154,7 +154,7 @@ MAX_STREAMS = 3
 def guarded(tiny_bundle, tmp_path_factory):
     d = DaemonThread(tiny_bundle, {
         "listen": {"unix": str(tmp_path_factory.mktemp("sock") / "s.sock"), "tcp": "127.0.0.1:0"},
-        "limits": {"max_connections": MAX_CONNECTIONS, "handshake_timeout_s": 1.0, "idle_timeout_s": 600,
+        "limits": {"max_connections": MAX_CONNECTIONS, "handshake_timeout_s": 2.0, "idle_timeout_s": 600,
                    "min_ping_interval_s": 0.2, "max_streams_per_connection": MAX_STREAMS},
         "service": {"metrics": "127.0.0.1:0", "metrics_timeout_s": 1.0}}).start()
     yield d
@@ -202,7 +202,7 @@ def test_connections_beyond_the_bound_are_closed_at_once_counted_and_logged(quie
 def test_the_bound_is_lowered_to_fit_the_open_file_limit(caplog):
     caplog.set_level("WARNING", logger="edgellm.front")
     assert connection_bound(512, 20000) == 512
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name == "edgellm.front"]
     fits = (1024 - FD_RESERVE) // FDS_PER_CONNECTION
     assert fits <= 300 and connection_bound(512, 1024) == fits  # ~330 idle clients took every descriptor at 1024
     assert f"limits.max_connections: 512 lowered to {fits} to fit the open-file limit (1024" in caplog.text
