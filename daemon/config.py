@@ -88,8 +88,8 @@ class LimitsConfig:
     handshake_timeout_s: float = 10.0  # a new connection's TLS handshake, then its HTTP/2 preface, each within this
     idle_timeout_s: float = 120.0  # a connection with no call in flight this long is closed (GOAWAY); clients reconnect
     max_streams_per_connection: int = 100  # calls open at once on one connection (HTTP/2 concurrent streams)
-    # HTTP/2 pings more often than this (with no data sent between) are strikes; the third gets GOAWAY. Keepalive
-    # pings of clients that ask no more than this are fine, with or without a call in flight.
+    # HTTP/2 pings closer together than this (with no data sent between) are strikes; the third gets GOAWAY.
+    # Keepalive pings this far apart or more are fine, with or without a call in flight.
     min_ping_interval_s: float = 10.0
 
 
