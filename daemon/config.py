@@ -88,12 +88,22 @@ class LimitsConfig:
     # prompt tokens allowed x the bytes of the vocabulary's longest token (x4 where a normalizer may merge characters).
     max_prompt_bytes: int = 0
     max_requests_per_connection: int = 64  # requests running or queued at once from one client connection
+    # Client connections open at once, all listeners together; a connection beyond is closed at once. Each one
+    # costs the daemon 3 file descriptors, so the daemon lowers this to fit its open-file limit (docs/limits.md).
+    max_connections: int = 512
+    handshake_timeout_s: float = 10.0  # a new connection's TLS handshake, then its HTTP/2 preface, each within this
+    idle_timeout_s: float = 120.0  # a connection with no call in flight this long is closed (GOAWAY); clients reconnect
+    max_streams_per_connection: int = 100  # calls open at once on one connection (HTTP/2 concurrent streams)
+    # HTTP/2 pings closer together than this (with no data sent between) are strikes; the third gets GOAWAY.
+    # Keepalive pings this far apart or more are fine, with or without a call in flight.
+    min_ping_interval_s: float = 10.0
 
 
 @dataclass
 class ServiceConfig:
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may go on before they are cancelled
     metrics: str | None = None  # "host:port" of the Prometheus endpoint (/metrics); null disables it
+    metrics_timeout_s: float = 10.0  # a metrics client sends its request, and takes the answer, each within this
 
 
 @dataclass
@@ -114,9 +124,14 @@ _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_token
              "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
              "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_prompt_bytes": 0,
              "limits.max_requests_per_connection": 1,
-             "service.drain_seconds": 0.0}
+             "limits.max_connections": 1, "limits.handshake_timeout_s": 0.1, "limits.idle_timeout_s": 0.1,
+             "limits.max_streams_per_connection": 1, "limits.min_ping_interval_s": 0.0,
+             "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1}
 MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
-_MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS}
+_MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS,
+             # gRPC takes these as 32-bit milliseconds
+             "limits.handshake_timeout_s": 86400.0, "limits.idle_timeout_s": 86400.0, "limits.min_ping_interval_s": 86400.0,
+             "limits.max_streams_per_connection": 2**31 - 1}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error")}
 
 

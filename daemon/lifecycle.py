@@ -13,7 +13,6 @@ import signal
 import socket
 import ssl
 import stat
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -22,9 +21,10 @@ from grpc_reflection.v1alpha import reflection
 
 from daemon.access import AccessGuard, Connections, read_token, server_tls_context
 from daemon.bundle import Bundle, verify_bundle
-from daemon.config import Config, split_host_port
-from daemon.front import FrontDoor, address_of, tcp_listener, unix_listener
-from daemon.metrics import EngineMetrics, serve_metrics
+from daemon.config import Config, LimitsConfig, split_host_port
+from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
+                          remove_stale_relay_dirs, tcp_listener, unix_listener)
+from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.request_log import reopen_log_files
 from daemon.scheduler import Engine, EngineFailed, decode_shapes
 from daemon.server import InferenceService, add_inference_service
@@ -57,6 +57,23 @@ def default_stream_interval_ms(setting: int | str, backend) -> int:
     return auto_stream_interval_ms(getattr(backend, "threads", 0), len(allowed_cpus()))
 
 
+def grpc_server_options(limits: LimitsConfig) -> list[tuple[str, int]]:
+    """The gRPC server's side of the connection limits (docs/limits.md); the front door holds the rest."""
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    return [("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+            # Counted from the relay's connect: a client that never sends the HTTP/2 preface and settings is closed.
+            ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout_s)),
+            # GOAWAY, then the connection closes; the relay then closes the client's own connection.
+            ("grpc.max_connection_idle_ms", ms(limits.idle_timeout_s)),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(limits.min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),  # the third ping too soon gets GOAWAY (ENHANCE_YOUR_CALM)
+            ("grpc.keepalive_permit_without_calls", 1)]  # idle connections are closed by idle_timeout_s anyway
+
+
 def prepare_unix_socket(path: str) -> None:
     """Create the socket's folder (private when we make it) and clear a stale socket file left by a crash."""
     p = Path(path)
@@ -65,7 +82,22 @@ def prepare_unix_socket(path: str) -> None:
     if p.exists() or p.is_symlink():
         if not stat.S_ISSOCK(p.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        if _answers(path):  # replacing it would silently take the socket from a running daemon
+            raise OSError(f"listen.unix: cannot listen on {path}: another process (a running edgellm?) serves on it")
         p.unlink()
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (a crashed daemon's file refuses them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # a full backlog (timeout), or not ours to connect to: someone is there
+            pass
+        return True
 
 
 class Daemon:
@@ -131,27 +163,33 @@ class Daemon:
                                         connections)
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
-        limit = cfg.limits.max_message_bytes
-        self.server = grpc.aio.server(interceptors=[guard], options=[("grpc.max_receive_message_length", limit),
-                                                                     ("grpc.max_send_message_length", limit)])
+        self.server = grpc.aio.server(interceptors=[guard], options=grpc_server_options(cfg.limits))
         add_inference_service(self.service, self.server)  # malformed requests: INVALID_ARGUMENT, not UNKNOWN
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         self._set_serving(False)  # NOT_SERVING until everything below is up
-        self._relay_dir = tempfile.mkdtemp(prefix="edgellm-")  # 0700: only this user reaches the gRPC socket
+        remove_stale_relay_dirs()
+        self._relay_dir = make_relay_dir()  # 0700: only this user reaches the gRPC socket
         grpc_path = os.path.join(self._relay_dir, "grpc.sock")
         self.server.add_insecure_port(f"unix:{grpc_path}")
-        self.front = FrontDoor(grpc_path, self._relay_dir, connections, self.tls)
+        self.front = FrontDoor(grpc_path, self._relay_dir, connections, self.tls,
+                               max_connections=connection_bound(cfg.limits.max_connections),
+                               handshake_timeout_s=cfg.limits.handshake_timeout_s,
+                               idle_timeout_s=cfg.limits.idle_timeout_s,
+                               on_refused=self.metrics.connections_refused.inc)
+        self.metrics.bind_connections(lambda: self.front.open_connections)
+        if cfg.service.metrics:
+            self.metrics_server = MetricsEndpoint(self.metrics.registry, cfg.service.metrics, cfg.service.metrics_timeout_s)
+            self.front.serve_metrics(self.metrics_server)
         for sock in self._listeners():
             self.front.add(sock)
         self.addresses = [address_of(sock) for sock in self.front.listeners]
         await self.server.start()
         self.front.start()
-        if cfg.service.metrics:
-            self.metrics_server = serve_metrics(self.metrics.registry, cfg.service.metrics)
+        if self.metrics_server:
             host, _ = split_host_port(cfg.service.metrics, "service.metrics")
-            self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.server_port}"
+            self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.port}"
         self._set_serving(True)
         log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
                  f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
@@ -225,15 +263,13 @@ class Daemon:
             return
         self._stopped = True
         await self.drain(grace)
-        if self.server:
-            await self.server.stop(1.0)  # streams already ended send their last messages; idle ones are closed
-        if self.front:
-            await asyncio.get_running_loop().run_in_executor(None, self.front.stop)
+        # Side by side: the relays deliver what the stopping gRPC server writes last (streams already ended send
+        # their last messages; idle ones are closed), and the front door's stop cuts off, after its grace, a
+        # client that reads nothing, whose pending writes would otherwise hold up gRPC's stop.
+        await asyncio.gather(*([self.server.stop(1.0)] if self.server else []),
+                             *([asyncio.get_running_loop().run_in_executor(None, self.front.stop)] if self.front else []))
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-        if self.metrics_server:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
         if self._own_unix_socket:
             Path(self._own_unix_socket).unlink(missing_ok=True)
         if self._relay_dir:
@@ -256,6 +292,7 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     from daemon.backends import create_backend
 
     notifier = Notifier()
+    raise_open_file_limit()  # before the model's files and the clients' connections take descriptors
     inherited = listen_sockets()
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None

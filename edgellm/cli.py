@@ -159,7 +159,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bundle = load_bundle(Path(bundle_path) if bundle_path else demo_bundle(), verify=False)
     except BundleError as e:
         return fail("serve", f"refusing to start: {e}")
-    except (ValueError, OSError, RuntimeError) as e:  # building the demo bundle: BuildError, DemoModelError, ...
+    except OSError as e:  # an unreadable bundle, or a cache folder the demo bundle cannot be read from or built in
+        where = f"the bundle {bundle_path}" if bundle_path else f"the cache folder {cache_dir()} ($EDGELLM_CACHE)"
+        return fail("serve", f"cannot use {where}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except (ValueError, RuntimeError) as e:  # building the demo bundle: BuildError, DemoModelError, ...
         return fail("serve", str(e))
     try:
         asyncio.run(run_daemon(config, bundle))
