@@ -127,7 +127,8 @@ class Daemon:
         self.service: InferenceService | None = None
         self.server: grpc.aio.Server | None = None
         self.front: FrontDoor | None = None
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        # The asyncio servicer: the threaded one's Watch blocks a thread that keeps the process from exiting.
+        self.health = health.aio.HealthServicer()
         self.metrics = EngineMetrics()
         self.metrics_server = None
         self.metrics_address: str | None = None
@@ -168,7 +169,7 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self._set_serving(False)  # NOT_SERVING until everything below is up
+        await self._set_serving(False)  # NOT_SERVING until everything below is up
         remove_stale_relay_dirs()
         self._relay_dir = make_relay_dir()  # 0700: only this user reaches the gRPC socket
         grpc_path = os.path.join(self._relay_dir, "grpc.sock")
@@ -190,7 +191,7 @@ class Daemon:
         if self.metrics_server:
             host, _ = split_host_port(cfg.service.metrics, "service.metrics")
             self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.port}"
-        self._set_serving(True)
+        await self._set_serving(True)
         log.info("serving %s (%s, %s) on %s%s", self.bundle.path, info.architecture, info.backend, ", ".join(self.addresses),
                  f"; metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
         log.info("streaming: %s by default (generation.stream_interval_ms: %s)",
@@ -220,7 +221,7 @@ class Daemon:
         log.error("the engine keeps failing; exiting so that the service manager restarts the daemon: %s", reason)
         if self.service:
             self.service.draining = True  # new requests: UNAVAILABLE
-        self._set_serving(False)
+        asyncio.ensure_future(self._set_serving(False))
         self.notifier.status(f"engine failed: {reason}")
         self.engine_failure = reason
         self.engine_failed.set()
@@ -234,7 +235,7 @@ class Daemon:
         if service is None or service.draining:
             return
         service.draining = True
-        self._set_serving(False)
+        await self._set_serving(False)
         # rel-engine: queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
         self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         running = len(service.live)
@@ -252,10 +253,10 @@ class Daemon:
             except TimeoutError:
                 log.error("%d requests did not end after cancellation", len(service.live))
 
-    def _set_serving(self, serving: bool) -> None:
+    async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", "edgellm.v1.Inference"):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain (up to `grace` seconds), then close the server, the front door and the engine."""

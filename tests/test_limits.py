@@ -275,7 +275,7 @@ def test_a_tls_client_that_never_finishes_the_tls_handshake_is_closed(tiny_bundl
 
 
 def test_idle_connections_are_closed_through_the_relay_and_calls_in_flight_keep_theirs(tiny_bundle, tmp_path):
-    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 1.0}}).start()
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 1.0, **BIG_TEXTS}}).start()
     address = d.daemon.addresses[0]
     try:
         # A Session stream open with no request: a call in flight, so its connection is not idle.
@@ -301,6 +301,9 @@ def test_idle_connections_are_closed_through_the_relay_and_calls_in_flight_keep_
         channel.close()
     finally:
         d.stop()
+
+
+BIG_TEXTS = {"max_prompt_bytes": 1_000_000}  # stalled_client's Tokenize texts are far longer than the tiny context
 
 
 def stalled_client(d: DaemonThread) -> H2:
@@ -329,7 +332,7 @@ def stalled_client(d: DaemonThread) -> H2:
 def test_a_client_that_stops_reading_is_cut_off(tiny_bundle, tmp_path):
     """Its calls cannot finish, so its connection never goes idle: the relay cuts it off once it has taken
     nothing for limits.idle_timeout_s."""
-    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 1.0}}).start()
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 1.0, **BIG_TEXTS}}).start()
     try:
         c = stalled_client(d)
         assert wait_until(lambda: d.daemon.front.open_connections == 0, timeout=20)
@@ -339,7 +342,7 @@ def test_a_client_that_stops_reading_is_cut_off(tiny_bundle, tmp_path):
 
 
 def test_a_client_that_stops_reading_does_not_hold_up_the_stop(tiny_bundle, tmp_path):
-    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 600}}).start()
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")}, "limits": {"idle_timeout_s": 600, **BIG_TEXTS}}).start()
     c = stalled_client(d)
     try:
         stopped = threading.Thread(target=d.stop)  # gRPC's stop alone waited about a minute on this client

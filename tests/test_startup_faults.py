@@ -216,3 +216,25 @@ def test_an_unusable_config_or_cache_folder_gets_a_message_not_a_traceback(tmp_p
         assert r.returncode == 1
         reason = "Not a directory" if case == "cache is a file" else "Permission denied"
         assert f"edgellm serve: error: cannot use the cache folder {cache} ($EDGELLM_CACHE): {reason}" in r.stderr, r.stderr
+
+
+def test_a_health_watch_does_not_keep_the_daemon_from_exiting(tiny_bundle, short_tmp):
+    """A Watch call (Kubernetes' and grpc_health_probe's way to follow health) open or cancelled before SIGTERM."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sock = short_tmp / "s.sock"
+    daemon = Serve(short_tmp, ["--bundle", str(tiny_bundle), "--unix", str(sock)], {"TMPDIR": str(short_tmp)})
+    try:
+        daemon.wait_ready()
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            cancelled = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(cancelled).status == health_pb2.HealthCheckResponse.SERVING
+            cancelled.cancel()
+            watching = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watching).status == health_pb2.HealthCheckResponse.SERVING
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert next(watching).status == health_pb2.HealthCheckResponse.NOT_SERVING  # the drain is announced
+            assert daemon.proc.wait(30) == 0, daemon.log()
+    finally:
+        daemon.stop()
