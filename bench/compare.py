@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from daemon_overhead import DirectLoop, alternating_rounds, daemon_rows, default_interval_line, random_prompt, serving, through_daemon  # noqa: E402
 
-from daemon.bundle import load_bundle  # noqa: E402
+from bundle_format.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"

@@ -27,8 +27,8 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
+from bundle_format.bundle import load_bundle
 from daemon.backend_onnx import create_cpu_backend
-from daemon.bundle import load_bundle
 from daemon.huge_pages import reexec_with_huge_pages
 from daemon.thread_placement import default_placement, pin_current_thread
 from edgellm.client import connect

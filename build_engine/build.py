@@ -84,7 +84,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     """Build the bundle for `model` into folder `out`; returns its path.
 
     calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text)."""
-    from build_engine.onnx_graph import save_graph
+    from build_engine.graph_builder import save_graph
 
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; this build supports: {', '.join(TARGETS)}")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import onnx
 import yaml
 
-from daemon.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from bundle_format.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256
 from edgellm import __version__
 
 _ONNX_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",

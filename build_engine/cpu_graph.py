@@ -1,6 +1,6 @@
 """ModelSpec + Hugging Face-named weights -> the CPU graph: ONNX Runtime's fused decoder ops over an in-place KV cache.
 
-The TensorRT graph (onnx_graph.py) keeps to standard ONNX ops. On a CPU a decode step of a small model is
+The TensorRT graph (trt_graph.py) keeps to standard ONNX ops. On a CPU a decode step of a small model is
 bound less by its matrices than by the number of kernels it dispatches, so this graph uses ONNX Runtime's
 `com.microsoft` ops made for decoders: one `GroupQueryAttention` per layer takes the packed q/k/v projection,
 rotates q and k, appends k/v to the cache in place (past and present bound to one buffer) and attends over
@@ -26,11 +26,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from build_engine.graph_builder import GraphBuilder, check_weights, finish_graph, has_o_bias, logits_output, rope_cache
 from build_engine.model_spec import ModelSpec
-from build_engine.onnx_graph import GraphBuilder, check_weights, finish_graph, has_o_bias, logits_output, rope_cache
 
 CONTRIB = "com.microsoft"
-ATTENTION_OP = "GroupQueryAttention"  # recorded in the manifest: the CPU backend checks it
 
 
 def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int) -> onnx.ModelProto:

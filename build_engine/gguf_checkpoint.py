@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from build_engine.graph_builder import check_weights
 from build_engine.model_spec import CheckpointError, ModelSpec, UnsupportedModelError
-from build_engine.onnx_graph import check_weights
 
 # general.architecture -> (our family, Hugging Face architecture). llama.cpp writes Mistral models as "llama"
 # (and, like llama.cpp, we then run them without a sliding window).

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from build_engine.graph_builder import check_weights
 from build_engine.model_spec import CheckpointError, ModelSpec, spec_from_hf_config
-from build_engine.onnx_graph import check_weights
 
 
 def load_hf_checkpoint(folder: Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from build_engine.graph_session import open_session, prefill_feeds
-from build_engine.onnx_graph import save_graph
+from build_engine.graph_builder import save_graph
 
 QUANT_PRECISIONS = ("int8", "fp8")
 # Largest representable magnitude: int8 symmetric range, float8 E4M3 (fn: finite, no infinities).
@@ -219,7 +219,7 @@ def quantize_for_target(spec, weights: dict[str, np.ndarray], precision: str, ma
     """Calibrate, smooth (INT8) and measure on the CPU: (weights to build the target graph from, activation
     ranges for quantize_graph, AccuracyReport of the quantized float32 graph against the float32 graph)."""
     from build_engine.accuracy import measure_accuracy
-    from build_engine.onnx_graph import build_graph
+    from build_engine.trt_graph import build_graph
 
     with tempfile.TemporaryDirectory(prefix="edgellm-quant-") as tmp:
         ref_path, cand_path = Path(tmp) / "reference.onnx", Path(tmp) / "candidate.onnx"

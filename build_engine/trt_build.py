@@ -24,7 +24,8 @@ log = logging.getLogger("edgellm.build")
 
 def _measure_float(spec: ModelSpec, weights: dict[str, np.ndarray], graph: onnx.ModelProto, max_seq: int,
                    heldout: list[int]) -> AccuracyReport:
-    from build_engine.onnx_graph import build_graph, save_graph
+    from build_engine.graph_builder import save_graph
+    from build_engine.trt_graph import build_graph
 
     with tempfile.TemporaryDirectory(prefix="edgellm-acc-") as tmp:
         ref, cand = Path(tmp) / "reference.onnx", Path(tmp) / "candidate.onnx"
@@ -39,8 +40,8 @@ def prepare_tensorrt_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_
     """The graph TensorRT compiles (static attention span, Q/DQ for int8/fp8) and manifest entries.
 
     Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows."""
-    from build_engine.onnx_graph import build_graph
     from build_engine.quantize import SMOOTHING_ALPHA, quantize_for_target, quantize_graph
+    from build_engine.trt_graph import build_graph
 
     heldout = token_ids(tok_json, default_text("heldout"))
     manifest: dict[str, Any] = {}

@@ -3,7 +3,7 @@
 TensorRT's ONNX parser reads model.onnx (its Attention, TensorScatter and RotaryEmbedding nodes map to
 TensorRT's attention, KV-cache update and rotary layers from 10.15 on) into a strongly typed network:
 the graph's float type and its Q/DQ nodes decide every layer's precision (TensorRT 11 has no precision
-flags; on 10.x the STRONGLY_TYPED flag asks for the same). Optimization profiles (daemon/trt_plan.py):
+flags; on 10.x the STRONGLY_TYPED flag asks for the same). Optimization profiles (bundle_format/trt_plan.py):
 prefill (one row, 1..max_prefill_tokens tokens) and one static decode profile per decode batch size
 (one token per row); the KV-cache dims are static but for the batch. A timing cache kept beside the bundle (or where
 --timing-cache says) makes rebuilds fast. The engine and its record (TensorRT version, GPU name and
@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.bundle import load_bundle
-from daemon.trt_plan import (ENGINE_FILE, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens,
-                             format_cc, optimization_profiles, profiles_to_manifest, tensorrt_version_key)
+from bundle_format.bundle import load_bundle
+from bundle_format.decode_buckets import decode_buckets
+from bundle_format.trt_plan import (ENGINE_FILE, check_precision_supported, default_max_prefill_tokens, format_cc,
+                                     optimization_profiles, profiles_to_manifest, tensorrt_version_key)
 
 log = logging.getLogger("edgellm.compile")
 
@@ -126,7 +127,7 @@ def compile_bundle(path: Path, *, slots: int = 8, max_prefill_tokens: int | None
         "gpu": {"name": gpu_name, "compute_capability": format_cc(cc)},
         "slots": slots,
         "max_prefill_tokens": max_prefill,
-        "decode_batch_sizes": decode_batch_sizes(slots),
+        "decode_batch_sizes": decode_buckets(slots),
         "profiles": profiles_to_manifest(profiles),
         "optimization_level": optimization_level,
         "build_seconds": round(seconds, 1),

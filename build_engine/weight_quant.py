@@ -90,7 +90,7 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
     Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows against fp32."""
     from build_engine.accuracy import accuracy_record, default_text, measure_accuracy, token_ids
     from build_engine.cpu_graph import build_cpu_graph
-    from build_engine.onnx_graph import save_graph
+    from build_engine.graph_builder import save_graph
 
     heldout = token_ids(tok_json, default_text("heldout"))[:max_seq - 1]
     with tempfile.TemporaryDirectory(prefix="edgellm-acc-") as tmp:

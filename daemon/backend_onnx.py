@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from daemon.bundle import Bundle, KvCacheLayout
+from bundle_format.bundle import Bundle
+from bundle_format.kv_cache import KvCacheLayout
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}

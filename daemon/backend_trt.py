@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from daemon.bundle import Bundle, BundleError
+from bundle_format.bundle import Bundle, BundleError
+from bundle_format.decode_buckets import decode_buckets
+from bundle_format.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_profile, fill_decode_inputs,
+                                    memory_budget, packed_input_elements, packed_inputs, packed_views)
 from daemon.cuda_graph import CudaGraph, CudaGraphError
-from daemon.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_batch_sizes, decode_profile,
-                             fill_decode_inputs, memory_budget, packed_input_elements, packed_inputs, packed_views)
 
 log = logging.getLogger("edgellm.backend")
 
@@ -104,7 +105,7 @@ class TrtBackend:
         self._prefill = self._make_step(PREFILL, rows=1, tokens=self.max_prefill_tokens)
         self._decode: dict[int, _Step] = {}
         self.graph_status: dict[int, str] = {}
-        for rows in decode_batch_sizes(slots):
+        for rows in decode_buckets(slots):
             step = self._make_step(decode_profile(rows, int(record["slots"])), rows=rows, tokens=1)
             self._bind(step, first_row=0, rows=rows, tokens=1)
             step.logits_indices.fill(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from daemon.bundle import Bundle, BundleError
+from bundle_format.bundle import Bundle, BundleError
 from daemon.config import Config
 from daemon.thread_placement import ThreadPlacement
 
@@ -29,7 +29,7 @@ def create_backend(bundle: Bundle, config: Config, placement: ThreadPlacement | 
             raise BackendError(f"{bundle.path} is a TensorRT bundle, and {e.name} is not installed here: run it on an "
                                f"NVIDIA GPU with pip install 'edgellm[tensorrt]'") from None
         from daemon.backend_trt import create_trt_backend
-        from daemon.trt_plan import EngineMismatch, PrecisionUnsupported
+        from bundle_format.trt_plan import EngineMismatch, PrecisionUnsupported
 
         try:
             return create_trt_backend(bundle, slots)

@@ -19,14 +19,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bundle_format.bundle import Bundle, verify_bundle
+from bundle_format.decode_buckets import decode_buckets
 from daemon.access import AccessGuard, Connections, read_token, server_tls_context
-from daemon.bundle import Bundle, verify_bundle
 from daemon.config import Config, LimitsConfig, split_host_port
 from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
                           remove_stale_relay_dirs, tcp_listener, unix_listener)
 from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.request_log import reopen_log_files
-from daemon.scheduler import Engine, EngineFailed, decode_shapes
+from daemon.scheduler import Engine, EngineFailed
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
@@ -280,7 +281,7 @@ class Daemon:
 def warm_up(backend, slots: int) -> None:
     """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
     backend.prefill(0, [0], 0)
-    for rows in decode_shapes(slots):
+    for rows in decode_buckets(slots):
         backend.decode(backend.decode_binding(rows))
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from bundle_format.decode_buckets import decode_bucket
 from daemon.metrics import EngineMetrics
 from daemon.sampling import Sampler, SamplingParams
 from daemon.text_stream import TextStream
@@ -183,19 +184,6 @@ class Backend(Protocol):
     def prefill(self, row: int, token_ids: list[int], start: int) -> np.ndarray: ...
     def decode_binding(self, rows: int) -> Any: ...
     def decode(self, binding: Any) -> np.ndarray: ...
-
-
-def decode_rows(highest_slot: int, slots: int) -> int:
-    """Rows a decode step runs: the next power of two above the highest busy slot, so shapes stay few."""
-    rows = 1
-    while rows <= highest_slot:
-        rows *= 2
-    return min(rows, slots)
-
-
-def decode_shapes(slots: int) -> list[int]:
-    """Every row count decode_rows can return: the shapes to warm up (and, on GPUs, to capture)."""
-    return sorted({decode_rows(s, slots) for s in range(slots)})
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -579,7 +567,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> int:
         """One token for each of seqs in one batched call; the tokens computed (0 when the call failed)."""
         try:
-            rows = decode_rows(max(s.slot for s in seqs), self.backend.slots)
+            rows = decode_bucket(max(s.slot for s in seqs), self.backend.slots)
             b = self.backend.decode_binding(rows)
             # Idle rows: the backend writes nothing for them and their logits go unread; their input id is whatever
             # valid token the row last held, so it needs no reset.

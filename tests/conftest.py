@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bundle_format.bundle import load_bundle  # noqa: E402
 from daemon.backend_onnx import create_cpu_backend  # noqa: E402
-from daemon.bundle import load_bundle  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
 from daemon.lifecycle import Daemon, warm_up  # noqa: E402
 from daemon.tokenizer import Tokenizer  # noqa: E402

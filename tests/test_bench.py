@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from daemon.bundle import load_bundle
+from bundle_format.bundle import load_bundle
 from edgellm.bench import (decode_bytes_per_step, format_results, measure_read_bandwidth, plot_results, run_bench,
                            run_level)
 

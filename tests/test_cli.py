@@ -168,7 +168,7 @@ def answer_margins(bundle_path: Path, question: str, answer: str) -> list[tuple[
     import numpy as np
 
     from daemon.backend_onnx import create_cpu_backend
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
     from daemon.tokenizer import Tokenizer
 
     bundle = load_bundle(bundle_path, verify=False)

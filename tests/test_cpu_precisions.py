@@ -20,10 +20,11 @@ from tokenizers import Tokenizer
 from build_engine.accuracy import THRESHOLDS, AccuracyError, all_position_logits
 from build_engine.build import BuildError, build_bundle
 from build_engine.cpu_graph import build_cpu_graph
-from build_engine.onnx_graph import save_graph
+from build_engine.graph_builder import save_graph
 from build_engine.weight_quant import LM_HEAD_NODE, quantize_weights
+from bundle_format.bundle import load_bundle
+from bundle_format.kv_cache import KvCacheLayout
 from daemon.backend_onnx import OnnxBackend, create_cpu_backend
-from daemon.bundle import KvCacheLayout, load_bundle
 from edgellm.validate import greedy
 
 MAX_SEQ = 65

@@ -24,7 +24,8 @@ from build_engine import demo_model
 from build_engine.demo_model import DemoModelError, demo_gguf_path
 from build_engine.gguf_checkpoint import GgufCheckpoint, load_gguf, read_gguf_spec
 from build_engine.model_spec import UnsupportedModelError, spec_from_hf_config
-from build_engine.onnx_graph import build_graph, save_graph
+from build_engine.graph_builder import save_graph
+from build_engine.trt_graph import build_graph
 from conftest import DEMO_CACHE, DEMO_WHEEL_DIR
 from daemon.tokenizer import Tokenizer as DaemonTokenizer
 from tiny_models import make_tiny_checkpoint

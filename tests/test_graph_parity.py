@@ -21,7 +21,8 @@ import transformers
 from build_engine.hf_checkpoint import load_hf_checkpoint
 from build_engine.model_spec import CheckpointError, ModelSpec, UnsupportedModelError, spec_from_hf_config
 from build_engine.cpu_graph import build_cpu_graph
-from build_engine.onnx_graph import build_graph, save_graph
+from build_engine.graph_builder import save_graph
+from build_engine.trt_graph import build_graph
 from tiny_models import make_tiny_checkpoint
 
 ATOL = 1e-4

@@ -11,11 +11,12 @@ import yaml
 
 from build_engine.accuracy import THRESHOLDS, all_position_logits, default_text
 from build_engine.build import build_bundle
-from build_engine.onnx_graph import build_graph, save_graph
+from build_engine.graph_builder import save_graph
+from build_engine.trt_graph import build_graph
 from build_engine.quantize import (calibrate, float32_twin, linear_inputs, linear_nodes, quantize_for_target,
                                    quantize_graph, quantize_weight, smooth_weights)
 from build_engine.trt_build import token_ids
-from daemon.bundle import load_bundle
+from bundle_format.bundle import load_bundle
 from edgellm import cli
 
 NO_TENSORRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import DaemonThread, StepGate, generate, wait_until
 from daemon.sampling import SamplingParams
 from daemon.scheduler import (Conversation, Engine, FinishEvent, FinishReason, Priority, QueueFullError, Sequence,
-                              TokenEvent, decode_rows, decode_shapes)
+                              TokenEvent)
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
@@ -141,12 +141,6 @@ def alone(prompt, n):
     eng.submit(s)
     run(eng, lambda: rec.finished)
     return rec.tokens
-
-
-def test_decode_rows_are_powers_of_two():
-    assert [decode_rows(s, 8) for s in range(8)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert decode_rows(5, 6) == 6
-    assert decode_shapes(6) == [1, 2, 4, 6]
 
 
 def test_interleaved_arrivals_match_running_alone():

@@ -146,7 +146,7 @@ def test_watchdog_pings_come_from_engine_progress_and_stop_while_a_step_hangs(ti
 def test_stop_during_the_model_load_exits_without_serving(tiny_bundle, tmp_path, monkeypatch, caplog):
     """A SIGTERM that lands while the model loads ends the daemon once the load returns: no warm-up, no socket."""
     import daemon.backends
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
     from daemon.config import parse_config
     from daemon.lifecycle import run_daemon
 

@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from daemon.bundle import KvCacheLayout
-from daemon.scheduler import decode_rows
-from daemon.trt_plan import (PREFILL, EngineMismatch, decode_profile, MemoryBudget, PrecisionUnsupported, check_engine_compatible,
-                             check_memory, check_precision_supported, decode_batch_sizes, default_max_prefill_tokens, fill_decode_inputs,
-                             graph_key, memory_budget, optimization_profiles, packed_input_elements, packed_inputs, packed_views,
-                             profiles_to_manifest, step_buffer_bytes, tensorrt_version_key)
+from bundle_format.decode_buckets import decode_buckets
+from bundle_format.kv_cache import KvCacheLayout
+from bundle_format.trt_plan import (PREFILL, EngineMismatch, MemoryBudget, PrecisionUnsupported, check_engine_compatible,
+                                    check_memory, check_precision_supported, decode_profile, default_max_prefill_tokens,
+                                    fill_decode_inputs, graph_key, memory_budget, optimization_profiles,
+                                    packed_input_elements, packed_inputs, packed_views, profiles_to_manifest,
+                                    step_buffer_bytes, tensorrt_version_key)
 
 LAYOUT = KvCacheLayout(num_layers=2, num_kv_heads=2, max_seq=129, head_dim=16, dtype="float16")
 
@@ -36,21 +37,13 @@ def test_int8_and_fp16_run_on_orin_bf16_needs_ampere():
         check_precision_supported("bf16", (7, 5))
 
 
-@pytest.mark.parametrize("slots", [1, 3, 4, 6, 8, 16])
-def test_decode_batch_sizes_cover_every_row_count_the_scheduler_picks(slots):
-    sizes = decode_batch_sizes(slots)
-    assert sizes == sorted(set(sizes))
-    assert {decode_rows(h, slots) for h in range(slots)} == set(sizes)
-    assert max(sizes) == slots
-
-
 def test_profiles_prefill_one_row_then_a_static_profile_per_decode_batch_size():
     profiles = optimization_profiles(LAYOUT, slots=6, max_prefill_tokens=100)
-    assert len(profiles) == 1 + len(decode_batch_sizes(6)) == 5  # prefill, decode 1, 2, 4, 6
+    assert len(profiles) == 1 + len(decode_buckets(6)) == 5  # prefill, decode 1, 2, 4, 6
     prefill = profiles[PREFILL]
     assert prefill["input_ids"] == ((1, 1), (1, 100), (1, 100))
     assert prefill["write_indices"] == ((1,), (1,), (1,))
-    for rows in decode_batch_sizes(6):
+    for rows in decode_buckets(6):
         decode = profiles[decode_profile(rows, 6)]
         assert decode["input_ids"] == ((rows, 1),) * 3
         assert decode["logits_indices"] == ((rows, 1),) * 3
@@ -135,8 +128,8 @@ def test_configured_slots_must_map_to_compiled_decode_profiles():
 
 
 def test_graph_keys_separate_profiles_and_shapes():
-    keys = {graph_key(decode_profile(r, 8), r, 1) for r in decode_batch_sizes(8)} | {graph_key(PREFILL, 1, 1)}
-    assert len(keys) == len(decode_batch_sizes(8)) + 1
+    keys = {graph_key(decode_profile(r, 8), r, 1) for r in decode_buckets(8)} | {graph_key(PREFILL, 1, 1)}
+    assert len(keys) == len(decode_buckets(8)) + 1
 
 
 def test_timing_cache_is_kept_per_tensorrt_version_and_gpu(tmp_path):

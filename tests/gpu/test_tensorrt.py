@@ -41,7 +41,7 @@ def compiled(request, tiny_checkpoint, tmp_path_factory) -> Path:
 def test_engine_recorded_in_manifest(compiled):
     import tensorrt as trt
 
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
 
     engine = load_bundle(compiled).manifest["engine"]
     assert engine["tensorrt_version"] == trt.__version__
@@ -53,7 +53,7 @@ def test_engine_recorded_in_manifest(compiled):
 
 def test_graphs_captured_and_replay_equals_plain_enqueue(compiled):
     from daemon.backend_trt import TrtBackend
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
 
     backend = TrtBackend(load_bundle(compiled), SLOTS)
     try:
@@ -84,7 +84,7 @@ def test_greedy_tokens_agree_with_onnx_runtime_cpu(compiled):
 
 def test_mismatched_engine_is_refused(compiled, tmp_path):
     from daemon.backends import BackendError, create_backend
-    from daemon.bundle import load_bundle
+    from bundle_format.bundle import load_bundle
     from daemon.config import parse_config
 
     from build_engine.bundle_writer import update_bundle

@@ -1,7 +1,7 @@
 """The engine bundle: a folder with `manifest.yaml`, the graph (or engine), its weights and the tokenizer.
 
 This module owns the on-disk format: the build step writes it (build_engine/bundle_writer.py) and the
-daemon loads it here, refusing any bundle whose files do not match the checksums in its manifest.
+daemon loads it with load_bundle, which refuses any bundle whose files do not match the checksums in its manifest.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bundle_format.kv_cache import KvCacheLayout
 
 MANIFEST_NAME = "manifest.yaml"
 FORMAT_VERSION = 2  # 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py)
@@ -29,21 +31,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class KvCacheLayout:
-    """Geometry of the static KV cache the graph expects, per layer and per K/V."""
-
-    num_layers: int
-    num_kv_heads: int
-    max_seq: int
-    head_dim: int
-    dtype: str  # numpy dtype name: float32, float16, bfloat16
-
-    def bytes_per_row(self) -> int:
-        itemsize = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_layers * self.num_kv_heads * self.max_seq * self.head_dim * itemsize
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What a TensorRT engine for a bundle looks like, decided without TensorRT or a GPU.
 
-Profile shapes, decode batch sizes, step buffer layout and sizes, the device-memory budget, engine
+Profile shapes, step buffer layout and sizes, the device-memory budget, engine
 compatibility and precision support per GPU: plain functions shared by the compiler
 (build_engine/trt_compiler.py) and the daemon's backend (daemon/backend_trt.py), tested on any machine.
 """
@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from daemon.bundle import KvCacheLayout
-from daemon.scheduler import decode_shapes
+from bundle_format.decode_buckets import decode_buckets
+from bundle_format.kv_cache import KvCacheLayout
 
 ENGINE_FILE = "model.engine"
-PREFILL = 0  # optimization profile of prefill; decode batch size k-th in decode_batch_sizes() uses profile 1 + k
+PREFILL = 0  # optimization profile of prefill; the k-th of decode_buckets() uses profile 1 + k
 DEFAULT_MAX_PREFILL_TOKENS = 1024
 # Step inputs, packed into one int64 buffer per step shape so one copy moves them all.
 STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "logits_indices")
@@ -45,11 +45,6 @@ def check_precision_supported(precision: str, compute_capability: tuple[int, int
                                f"{format_cc(compute_capability)}.{hint}")
 
 
-def decode_batch_sizes(slots: int) -> list[int]:
-    """The decode shapes the scheduler uses, each of which gets its own CUDA graph."""
-    return decode_shapes(slots)
-
-
 def default_max_prefill_tokens(context_length: int) -> int:
     """Longest prefill one engine call takes; the backend splits longer prompts into chunks."""
     return min(context_length, DEFAULT_MAX_PREFILL_TOKENS)
@@ -60,7 +55,7 @@ Shape = tuple[int, ...]
 
 def decode_profile(rows: int, slots: int) -> int:
     """The optimization profile (and so the execution context and CUDA graph) of a decode batch size."""
-    return 1 + decode_batch_sizes(slots).index(rows)
+    return 1 + decode_buckets(slots).index(rows)
 
 
 def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens: int) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
@@ -89,7 +84,7 @@ def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens:
 
     opt_prompt = min(max_prefill_tokens, 128)
     return [profile((1, 1, 1), (1, opt_prompt, max_prefill_tokens)),
-            *(profile((r, r, r), (1, 1, 1)) for r in decode_batch_sizes(slots))]
+            *(profile((r, r, r), (1, 1, 1)) for r in decode_buckets(slots))]
 
 
 def profiles_to_manifest(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) -> list[dict[str, Any]]:
@@ -156,8 +151,8 @@ class MemoryBudget:
 
 def step_buffer_bytes(slots: int, vocab_size: int, max_prefill_tokens: int) -> int:
     """Packed inputs of the prefill shape and each decode shape, plus logits of one row and of every decode shape."""
-    inputs = packed_input_elements(1, max_prefill_tokens) + sum(packed_input_elements(r, 1) for r in decode_batch_sizes(slots))
-    logits = vocab_size + sum(r * vocab_size for r in decode_batch_sizes(slots))
+    inputs = packed_input_elements(1, max_prefill_tokens) + sum(packed_input_elements(r, 1) for r in decode_buckets(slots))
+    logits = vocab_size + sum(r * vocab_size for r in decode_buckets(slots))
     return 8 * inputs + 4 * logits
 
 
@@ -199,10 +194,10 @@ def check_engine_compatible(engine: dict[str, Any], tensorrt_version: str, gpu_n
     if slots > engine.get("slots", 0):
         raise EngineMismatch(f"engine.slots is {slots} but the engine was compiled for at most {engine.get('slots')}; "
                              f"lower engine.slots or compile again with --slots {slots}")
-    compiled = engine.get("decode_batch_sizes", [])
-    if not set(decode_batch_sizes(slots)) <= set(compiled):
-        usable = [s for s in range(1, engine.get("slots", 0) + 1) if set(decode_batch_sizes(s)) <= set(compiled)]
-        raise EngineMismatch(f"engine.slots {slots} decodes batches of {decode_batch_sizes(slots)} rows, the engine has "
+    compiled = engine.get("decode_batch_sizes", [])  # the manifest's name for the engine's decode buckets
+    if not set(decode_buckets(slots)) <= set(compiled):
+        usable = [s for s in range(1, engine.get("slots", 0) + 1) if set(decode_buckets(s)) <= set(compiled)]
+        raise EngineMismatch(f"engine.slots {slots} decodes batches of {decode_buckets(slots)} rows, the engine has "
                              f"profiles for {compiled}; set engine.slots to one of {usable} or compile again with --slots {slots}")
 
 

@@ -1,0 +1,20 @@
+"""The geometry of a bundle's static KV cache, as its manifest records it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KvCacheLayout:
+    """Geometry of the static KV cache the graph expects, per layer and per K/V."""
+
+    num_layers: int
+    num_kv_heads: int
+    max_seq: int
+    head_dim: int
+    dtype: str  # numpy dtype name: float32, float16, bfloat16
+
+    def bytes_per_row(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.num_layers * self.num_kv_heads * self.max_seq * self.head_dim * itemsize
