@@ -3,11 +3,11 @@
 ONNX Runtime's `MatMulNBits` (com.microsoft domain, CPU target only: the TensorRT target keeps standard
 ops) stores each weight matrix in blocks of input rows with one fp32 scale per block (symmetric, no zero
 point: the layout of llama.cpp's Q8_0/Q4_0). 8-bit blocks are 64 rows: 8.5 bits per weight, exactly Q8_0's
-(32 rows with an fp16 scale), and on this kernel 1.1x the decode speed of 32-row blocks at the same accuracy
-on the demo model. 4-bit blocks stay at 32 rows (5 bits per weight, Q4_0 has 4.5): 64 rows took the demo
-model's perplexity ratio from 1.20 to 1.37. Activations stay fp32 at the graph's edges; inside the kernel, accuracy level 4 quantizes each
-activation row to int8 on the fly so that the dot products run as int8 (the same trade llama.cpp makes),
-which on a bandwidth-bound CPU is what makes the smaller weights pay.
+(32 rows with an fp16 scale), faster than 32-row blocks at the same accuracy. 4-bit blocks stay at 32 rows
+(5 bits per weight, Q4_0 has 4.5): 64 rows cost too much accuracy. docs/benchmarks.md ("CPU precisions") has
+the measurements behind each choice. Activations stay fp32 at the graph's edges; inside the kernel, accuracy
+level 4 quantizes each activation row to int8 on the fly so that the dot products run as int8 (the same trade
+llama.cpp makes), which on a bandwidth-bound CPU is what makes the smaller weights pay.
 
 The quantizing itself is onnxruntime's `MatMulNBitsQuantizer` (round to nearest). The vocabulary
 projection is a Gemm against the tied [vocab, hidden] embedding; it is the largest single matrix of a
@@ -33,12 +33,11 @@ log = logging.getLogger("edgellm.build")
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = {8: 64, 4: 32}  # bits -> rows of the input dimension per scale
 # The vocabulary projection (bits, rows per block): 8.5 bits per weight at int4 too, as llama.cpp's Q4_0 files
-# keep a tied output matrix at Q8_0. At 4 bits it costs the demo model most of its int4 loss (perplexity ratio
-# 1.20 -> 1.30 in blocks of 32, 1.27 in blocks of 16).
+# keep a tied output matrix at Q8_0: at 4 bits it alone costs most of the int4 loss (docs/benchmarks.md).
 LM_HEAD_FORMAT = {"int8": (8, 64), "int4": (8, 64)}
 LM_HEAD_NODE = "logits.gemm"
-# int8 activations inside the kernel. Level 1 (fp32 compute) ran the int8 demo model at 0.9 tokens/s against
-# 21 here: ONNX Runtime 1.32 has no fast fp32 path for 8-bit weights on AVX2.
+# int8 activations inside the kernel: ONNX Runtime has no fast fp32 path for 8-bit weights on AVX2, so level 1
+# (fp32 compute) decodes many times slower (docs/benchmarks.md).
 ACCURACY_LEVEL = 4
 
 

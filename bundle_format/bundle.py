@@ -70,7 +70,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing (is {path} an edgellm bundle?)")
     try:
-        # The C loader when PyYAML has it: 10x faster on a manifest, which counts at daemon start.
+        # The C loader when PyYAML has it: parsing the manifest counts at daemon start (docs/bundles.md).
         manifest = yaml.load(manifest_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise BundleError(f"{manifest_path}: not valid YAML: {e}") from None
