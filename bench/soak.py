@@ -99,7 +99,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Daemon:
+class ServeProcess:
     """`edgellm serve` in a subprocess on a temporary Unix socket, with its metrics endpoint on loopback."""
 
     def __init__(self, bundle: Path, slots: int, workdir: str):
@@ -389,7 +389,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Soak:
-    def __init__(self, daemon: Daemon, streams: int, seed: int, context: int):
+    def __init__(self, daemon: ServeProcess, streams: int, seed: int, context: int):
         self.daemon = daemon
         self.collector = Collector()
         self.go = threading.Event()  # set while the clients may start scenarios
@@ -442,7 +442,7 @@ def print_row(row: Row) -> None:
 def run(args: argparse.Namespace) -> dict:
     path = bundle_path(args.bundle)
     with tempfile.TemporaryDirectory(prefix="edgellm-soak-") as workdir:
-        daemon = Daemon(path, args.slots, workdir)
+        daemon = ServeProcess(path, args.slots, workdir)
         try:
             return soak(daemon, args, path)
         finally:
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"edgellm serve exited with {code}:\n{daemon.log_tail()}", file=sys.stderr)
 
 
-def soak(daemon: Daemon, args: argparse.Namespace, path: Path) -> dict:
+def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
     channel = grpc.insecure_channel(grpc_target(daemon.address))
     info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=30)
     channel.close()
@@ -497,16 +497,19 @@ def soak(daemon: Daemon, args: argparse.Namespace, path: Path) -> dict:
     else:
         gauges, end = {}, None
     baseline = baseline or start_sample
-    checks = {
-        "daemon alive": alive,
-        "0 unexpected errors": sum(r.unexpected for r in rows) == 0 and not s.collector.unexpected,
-        "0 leaked slots, empty queue": gauges == {"slots_in_use": 0.0, "queue_length": 0.0},
+    unexpected = sum(r.unexpected for r in rows) + s.collector.unexpected
+    checks = {  # name -> (passed, what was measured)
+        "alive": (alive, "the daemon ran to the end" if alive else "the daemon died"),
+        "no_unexpected_errors": (unexpected == 0, f"{unexpected} unexpected errors"),
+        "no_leaked_slots": (gauges == {"slots_in_use": 0.0, "queue_length": 0.0},
+                            f"once idle: {gauges.get('slots_in_use', '?')} slots in use, {gauges.get('queue_length', '?')} queued"),
     }
     if end is not None:
         growth = (end.rss_kb - baseline.rss_kb) / baseline.rss_kb
-        checks[f"RSS growth {growth * 100:+.2f}% < {RSS_GROWTH_LIMIT * 100:g}%"] = growth < RSS_GROWTH_LIMIT
-        checks[f"fds flat ({baseline.fds} -> {end.fds})"] = end.fds <= baseline.fds
-        checks[f"threads flat ({baseline.threads} -> {end.threads})"] = end.threads <= baseline.threads
+        checks["rss_growth"] = (growth < RSS_GROWTH_LIMIT, f"RSS {baseline.rss_kb / 1024:.1f} -> {end.rss_kb / 1024:.1f} MB "
+                                f"({growth * 100:+.2f}%, limit {RSS_GROWTH_LIMIT * 100:g}%)")
+        checks["fds_flat"] = (end.fds <= baseline.fds, f"fds {baseline.fds} -> {end.fds}")
+        checks["threads_flat"] = (end.threads <= baseline.threads, f"threads {baseline.threads} -> {end.threads}")
     report = {
         "bundle": str(path), "model": {"architecture": info.architecture, "precision": info.precision,
                                        "slots": info.slots, "context_length": info.context_length},
@@ -514,7 +517,8 @@ def soak(daemon: Daemon, args: argparse.Namespace, path: Path) -> dict:
         "start": asdict(start_sample), "baseline": asdict(baseline), "end": asdict(end) if end else None,
         "idle_gauges": gauges, "rows": [asdict(r) for r in rows],
         "by_scenario": dict(sorted(s.collector.totals.items())), "unexpected_samples": s.collector.samples,
-        "checks": checks, "passed": all(checks.values()),
+        "checks": {name: {"passed": ok, "detail": detail} for name, (ok, detail) in checks.items()},
+        "passed": all(ok for ok, _ in checks.values()),
     }
     print("\nby scenario and outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(s.collector.totals.items())))
     for sample in s.collector.samples:
@@ -523,8 +527,8 @@ def soak(daemon: Daemon, args: argparse.Namespace, path: Path) -> dict:
         print(f"the daemon died:\n{daemon.log_tail()}")
     print(f"start {start_sample.rss_kb / 1024:.1f} MB / {start_sample.fds} fds / {start_sample.threads} threads; "
           + (f"end (idle) {end.rss_kb / 1024:.1f} MB / {end.fds} fds / {end.threads} threads" if end else "no end sample"))
-    for name, ok in checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    for ok, detail in checks.values():
+        print(f"  {'PASS' if ok else 'FAIL'}  {detail}")
     print("verdict:", "PASS" if report["passed"] else "FAIL", flush=True)
     return report
 

@@ -30,12 +30,16 @@ from hypothesis import strategies as st
 
 from conftest import TINY_CONTEXT, DaemonThread, generate, wait_until
 from edgellm.v1 import edgellm_pb2 as pb
+from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.fuzz
 
 # ---- profiles -------------------------------------------------------------------------------------------
 _SLOW_TARGET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+# No shrinking in CI: a failure that leaves the daemon broken (a leaked slot) makes every later example fail
+# slowly, so the first failing example is reported as it is; the long profile shrinks.
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate),
                           suppress_health_check=_SLOW_TARGET, print_blob=True)
 settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_TARGET,
                           print_blob=True)
@@ -209,16 +213,43 @@ class GenerateOutcome:
     error: grpc.RpcError | None
 
 
-def run_generate(stub, req: pb.GenerateRequest, vanish_after: int | None = None) -> GenerateOutcome:
-    """One Generate call read to its end, or cancelled by the client after `vanish_after` messages."""
+@dataclass(frozen=True)
+class Vanish:
+    """The client goes away: it cancels the call, or closes its connection under it (disconnect)."""
+
+    after: int  # messages read (Generate) or sent (Session) first
+    disconnect: bool
+
+
+class Client:
+    """The fuzzer's client for one call: the shared connection, or one of its own for a client that disconnects."""
+
+    def __init__(self, target: Target, vanish: Vanish | None):
+        self.channel = grpc.insecure_channel(target.daemon.daemon.addresses[0]) if vanish and vanish.disconnect else None
+        self.stub = pb_grpc.InferenceStub(self.channel) if self.channel else target.stub
+
+    def go_away(self, call) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        else:
+            call.cancel()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+
+
+def run_generate(target: Target, req: pb.GenerateRequest, vanish: Vanish | None = None) -> GenerateOutcome:
+    """One Generate call read to its end, or left by the client after `vanish.after` messages."""
     ids, chunks, finished, extra = [], 0, None, 0
-    call = stub.Generate(req, timeout=CALL_TIMEOUT_S)
-    if vanish_after == 0:
-        call.cancel()
+    client = Client(target, vanish)
+    call = client.stub.Generate(req, timeout=CALL_TIMEOUT_S)
+    if vanish is not None and vanish.after == 0:
+        client.go_away(call)
     try:
         for msg in call:
-            if vanish_after is not None and chunks + 1 >= vanish_after:
-                call.cancel()
+            if vanish is not None and chunks + 1 >= vanish.after:
+                client.go_away(call)
             if finished is not None:
                 extra += 1
             elif msg.HasField("tokens"):
@@ -231,6 +262,8 @@ def run_generate(stub, req: pb.GenerateRequest, vanish_after: int | None = None)
                 extra += 1  # a message with neither kind set
     except grpc.RpcError as e:
         return GenerateOutcome(ids, chunks, finished, extra, e)
+    finally:
+        client.close()
     return GenerateOutcome(ids, chunks, finished, extra, None)
 
 
@@ -270,15 +303,15 @@ def check_generate(req: pb.GenerateRequest, out: GenerateOutcome, vanished: bool
 def test_fuzz_generate(target):
     """A few random requests at once on one connection: each is refused with a clear status or ends with one Finished."""
 
-    # Each request with, one time in four, a client that cancels the call after 0-3 messages.
-    calls = st.tuples(REQUESTS, st.one_of(st.none(), st.none(), st.none(), st.integers(0, 3)))
+    # Each request with, one time in four, a client that goes away after 0-3 messages.
+    calls = st.tuples(REQUESTS, st.one_of(st.none(), st.none(), st.none(), st.builds(Vanish, st.integers(0, 3), st.booleans())))
 
     @fuzz_settings(ci_examples=150)
     @given(batch=st.lists(calls, min_size=1, max_size=6))
     def run(batch):
-        outcomes = list(target.pool.map(lambda call: run_generate(target.stub, *call), batch))
-        for (req, vanish_after), out in zip(batch, outcomes):
-            check_generate(req, out, vanished=vanish_after is not None)
+        outcomes = list(target.pool.map(lambda call: run_generate(target, *call), batch))
+        for (req, vanish), out in zip(batch, outcomes):
+            check_generate(req, out, vanished=vanish is not None)
         target.settle()
 
     run()
@@ -321,7 +354,7 @@ class Wait:
 @dataclass(frozen=True)
 class Script:
     ops: list
-    vanish_at: int | None = None  # the client goes away (cancels the call) after sending this many messages
+    vanish: Vanish | None = None  # the client goes away after sending `vanish.after` of the ops
 
 
 def ids_from(pool: list[str]):
@@ -352,8 +385,8 @@ def scripts(draw) -> Script:
         else:
             ops.append(Wait() if kind == "wait" else Empty())
     # One script in three: the client goes away, anywhere in the script (Wait ops let answers come first).
-    vanish_at = draw(st.sampled_from([None, None, "at"]))
-    return Script(ops, None if vanish_at is None else draw(st.integers(0, len(ops))))
+    vanish = draw(st.sampled_from([None, None, "vanish"]))
+    return Script(ops, None if vanish is None else Vanish(draw(st.integers(0, len(ops))), draw(st.booleans())))
 
 
 def to_message(op) -> pb.SessionRequest:
@@ -471,25 +504,26 @@ class Ledger:
             self.cond.wait_for(lambda: self.ended or self.answers >= n, timeout=CALL_TIMEOUT_S)
 
 
-def run_session(stub, script: Script) -> tuple[Ledger, grpc.RpcError | None]:
+def run_session(target: Target, script: Script) -> tuple[Ledger, grpc.RpcError | None]:
     """Send the script on one Session (waiting where it says), read every response: (ledger, how the call failed)."""
     outgoing: queue.Queue = queue.Queue()
-    call = stub.Session(iter(outgoing.get, None), timeout=CALL_TIMEOUT_S)
+    client = Client(target, script.vanish)
+    call = client.stub.Session(iter(outgoing.get, None), timeout=CALL_TIMEOUT_S)
     ledger = Ledger()
     _, _, lower = expected_answers(script.ops)
 
     def send() -> None:
         for i, op in enumerate(script.ops):
-            if i == script.vanish_at:
+            if script.vanish is not None and i == script.vanish.after:
                 break
             if isinstance(op, Wait):  # only answers sure to come are waited for, so this never hangs
                 ledger.wait_for_answers(lower[i])
             else:
                 outgoing.put(to_message(op))
-        if script.vanish_at is None:
+        if script.vanish is None:
             outgoing.put(None)  # half-close: the stream ends once every request on it has ended
         else:
-            call.cancel()
+            client.go_away(call)
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
@@ -503,11 +537,12 @@ def run_session(stub, script: Script) -> tuple[Ledger, grpc.RpcError | None]:
         ledger.end()
         outgoing.put(None)
         sender.join(CALL_TIMEOUT_S)
+        client.close()
     return ledger, error
 
 
 def check_session(script: Script, ledger: Ledger, error: grpc.RpcError | None) -> None:
-    if script.vanish_at is not None:
+    if script.vanish is not None:
         # The client went away: the stream ends at once (cancelled here); the settle check sees the server clean up.
         assert error is None or error.code() == grpc.StatusCode.CANCELLED, f"{error.code()}: {error.details()}"
         return
@@ -533,7 +568,7 @@ def test_fuzz_session(target):
     @fuzz_settings(ci_examples=150)
     @given(batch=st.lists(scripts(), min_size=1, max_size=3))
     def run(batch):  # one to three streams at once, on one connection
-        results = list(target.pool.map(lambda script: run_session(target.stub, script), batch))
+        results = list(target.pool.map(lambda script: run_session(target, script), batch))
         for script, (ledger, error) in zip(batch, results):
             check_session(script, ledger, error)
         target.settle()
