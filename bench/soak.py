@@ -7,9 +7,11 @@ at random priorities. Every scenario knows how it may end; anything else is an u
 
 Minute by minute it prints requests by outcome, unexpected errors, the client-side inter-token latency
 (p50/p99, from requests streamed token by token) and the daemon's RSS, open fds, threads, slots in use
-and queue length (/proc/<pid> and its metrics endpoint). After a warm-up the load pauses until the
-daemon is idle, and its RSS, fds and threads are taken as the baseline; at the end, once idle again,
-they are compared with it.
+and queue length (/proc/<pid> and its metrics endpoint). First, requests spanning the whole context
+fill every slot once: the KV cache's pages are committed on first write, so until then RSS grows with
+the longest request seen, which is warm-up, not a leak. After a warm-up under load the load pauses
+until the daemon is idle, and its RSS, fds and threads are taken as the baseline; at the end, once idle
+again, they are compared with it.
 
     python bench/soak.py [--bundle B] [--minutes 30] [--streams 8] [--slots 4] [--json FILE|-]
 
@@ -337,6 +339,28 @@ def late_cancel_refusal(msg: pb.SessionResponse) -> bool:
     return kind not in ("tokens", "finished")
 
 
+def fill_kv_cache(address: str, context: int, vocab: int, slots: int) -> None:
+    """Requests that span the whole context, on every slot at once: the KV cache's pages are committed on first
+    write, so until every slot has held a full context RSS grows with the longest request seen (a warm-up, not
+    a leak). Twice as many as there are slots, so each slot gets one even if some end before the rest arrive."""
+    channel = grpc.insecure_channel(grpc_target(address))
+    stub = pb_grpc.InferenceStub(channel)
+    rng = random.Random(0)
+
+    def one(_: int) -> None:
+        ids = [rng.randrange(min(100, vocab // 4), vocab - min(100, vocab // 4)) for _ in range(context - 4)]
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_new_tokens=4, ignore_eos=True)
+        for _ in stub.Generate(req, timeout=600):
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2 * slots)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    channel.close()
+
+
 # ---- the soak ------------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -455,14 +479,16 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
     channel = grpc.insecure_channel(grpc_target(daemon.address))
     info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=30)
     channel.close()
+    start_sample = sample_process(daemon.pid)
+    fill_kv_cache(daemon.address, info.context_length, info.vocab_size, info.slots)
     total_s = args.minutes * 60
     warmup_s = min(args.warmup_minutes * 60, total_s / 2)
     row_s = args.row_seconds
-    start_sample = sample_process(daemon.pid)
     s = Soak(daemon, args.streams, args.seed, info.context_length)
     print(f"soak: {path.name} ({info.architecture}, {info.precision}, {info.slots} slots, context {info.context_length}); "
           f"{args.streams} streams for {args.minutes:g} min, warm-up {warmup_s / 60:g} min; daemon pid {daemon.pid}", flush=True)
-    print("   min   reqs unex  p50 ms   p99 ms   rss MB   fds thrds slt que  outcomes", flush=True)
+    print(f"{'min':>6} {'reqs':>6} {'unex':>4} {'p50 ms':>7} {'p99 ms':>8} {'rss MiB':>8} {'fds':>5} {'thrds':>5} "
+          f"{'slt':>3} {'que':>3}  outcomes", flush=True)
     for w in s.workers:
         w.start()
     started = time.monotonic()
@@ -476,7 +502,7 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
             s.pause()
             daemon.wait_idle(60)
             baseline = settled_sample(daemon.pid)
-            print(f"  (baseline after warm-up, idle: rss {baseline.rss_kb / 1024:.1f} MB, {baseline.fds} fds, "
+            print(f"  (baseline after warm-up, idle: rss {baseline.rss_kb / 1024:.1f} MiB, {baseline.fds} fds, "
                   f"{baseline.threads} threads)", flush=True)
             s.go.set()
         if now >= next_row:
@@ -506,7 +532,7 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
     }
     if end is not None:
         growth = (end.rss_kb - baseline.rss_kb) / baseline.rss_kb
-        checks["rss_growth"] = (growth < RSS_GROWTH_LIMIT, f"RSS {baseline.rss_kb / 1024:.1f} -> {end.rss_kb / 1024:.1f} MB "
+        checks["rss_growth"] = (growth < RSS_GROWTH_LIMIT, f"RSS {baseline.rss_kb / 1024:.1f} -> {end.rss_kb / 1024:.1f} MiB "
                                 f"({growth * 100:+.2f}%, limit {RSS_GROWTH_LIMIT * 100:g}%)")
         checks["fds_flat"] = (end.fds <= baseline.fds, f"fds {baseline.fds} -> {end.fds}")
         checks["threads_flat"] = (end.threads <= baseline.threads, f"threads {baseline.threads} -> {end.threads}")
@@ -525,8 +551,8 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
         print(f"  unexpected: {sample}")
     if not alive:
         print(f"the daemon died:\n{daemon.log_tail()}")
-    print(f"start {start_sample.rss_kb / 1024:.1f} MB / {start_sample.fds} fds / {start_sample.threads} threads; "
-          + (f"end (idle) {end.rss_kb / 1024:.1f} MB / {end.fds} fds / {end.threads} threads" if end else "no end sample"))
+    print(f"start {start_sample.rss_kb / 1024:.1f} MiB / {start_sample.fds} fds / {start_sample.threads} threads; "
+          + (f"end (idle) {end.rss_kb / 1024:.1f} MiB / {end.fds} fds / {end.threads} threads" if end else "no end sample"))
     for ok, detail in checks.values():
         print(f"  {'PASS' if ok else 'FAIL'}  {detail}")
     print("verdict:", "PASS" if report["passed"] else "FAIL", flush=True)
