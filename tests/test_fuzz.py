@@ -2,7 +2,8 @@
 
 Random GenerateRequests (every prompt kind, extreme numbers, random unicode) run a few at a time, and
 random Session scripts (start / cancel / open / close / empty messages with duplicate, unknown, reused
-and malformed ids, and clients that go away) run on one stream each. After every example the engine
+and malformed ids) run on a few streams at once; now and then the client goes away (cancels its call or
+closes its connection). After every example the engine
 must be idle again (slots in use and queue length 0, read from the Prometheus endpoint); after every
 test the daemon must still answer, and a fixed greedy request must give the tokens it gave before.
 
@@ -38,20 +39,22 @@ pytestmark = pytest.mark.fuzz
 _SLOW_TARGET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 # No shrinking in CI: a failure that leaves the daemon broken (a leaked slot) makes every later example fail
 # slowly, so the first failing example is reported as it is; the long profile shrinks.
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+# 250 examples per test: the module takes ~15 s on a 2-core machine, under a minute however loaded.
+settings.register_profile("ci", max_examples=250, deadline=None, derandomize=True, database=None,
                           phases=(Phase.explicit, Phase.reuse, Phase.generate),
                           suppress_health_check=_SLOW_TARGET, print_blob=True)
+# The same examples as `ci`, with a failure shrunk to a minimal one: to reduce what CI found.
+settings.register_profile("ci-shrink", settings.get_profile("ci"), phases=tuple(Phase))
 settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_TARGET,
                           print_blob=True)
 PROFILE = os.environ.get("EDGELLM_FUZZ_PROFILE", "ci")
 _EXAMPLES = os.environ.get("EDGELLM_FUZZ_EXAMPLES")
 
 
-def fuzz_settings(ci_examples: int):
-    """The chosen profile's settings; in `ci`, ci_examples examples (sized so the module stays under a minute)."""
+def fuzz_settings():
+    """The chosen profile's settings, with EDGELLM_FUZZ_EXAMPLES examples where that is set."""
     base = settings.get_profile(PROFILE)
-    examples = int(_EXAMPLES) if _EXAMPLES else (ci_examples if PROFILE == "ci" else base.max_examples)
-    return settings(base, max_examples=examples)
+    return settings(base, max_examples=int(_EXAMPLES)) if _EXAMPLES else base
 
 
 # A hang is a failure, never a stuck CI: every call has a deadline well above what a short generation takes.
@@ -306,7 +309,7 @@ def test_fuzz_generate(target):
     # Each request with, one time in four, a client that goes away after 0-3 messages.
     calls = st.tuples(REQUESTS, st.one_of(st.none(), st.none(), st.none(), st.builds(Vanish, st.integers(0, 3), st.booleans())))
 
-    @fuzz_settings(ci_examples=150)
+    @fuzz_settings()
     @given(batch=st.lists(calls, min_size=1, max_size=6))
     def run(batch):
         outcomes = list(target.pool.map(lambda call: run_generate(target, *call), batch))
@@ -565,7 +568,7 @@ def check_session(script: Script, ledger: Ledger, error: grpc.RpcError | None) -
 def test_fuzz_session(target):
     """Random Session scripts: every start is answered once, nothing is answered twice, every stream ends."""
 
-    @fuzz_settings(ci_examples=150)
+    @fuzz_settings()
     @given(batch=st.lists(scripts(), min_size=1, max_size=3))
     def run(batch):  # one to three streams at once, on one connection
         results = list(target.pool.map(lambda script: run_session(target, script), batch))
