@@ -138,6 +138,20 @@ class ServeProcess:
             time.sleep(0.1)
         return g
 
+    def logged_errors(self) -> list[str]:
+        """The daemon's ERROR (and worse) log lines so far, each with the traceback lines under it."""
+        found: list[str] = []
+        in_error = False
+        for line in self.log.read_text(errors="replace").splitlines():
+            record = re.match(r"\S+ \S+ ([A-Z]+) ", line)
+            if record:
+                in_error = record[1] in ("ERROR", "CRITICAL")
+                if in_error:
+                    found.append(line)
+            elif in_error:
+                found[-1] += "\n" + line  # a traceback belongs to its record
+        return found
+
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -524,9 +538,11 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
         gauges, end = {}, None
     baseline = baseline or start_sample
     unexpected = sum(r.unexpected for r in rows) + s.collector.unexpected
+    logged = daemon.logged_errors()
     checks = {  # name -> (passed, what was measured)
         "alive": (alive, "the daemon ran to the end" if alive else "the daemon died"),
         "no_unexpected_errors": (unexpected == 0, f"{unexpected} unexpected errors"),
+        "no_logged_errors": (not logged, f"{len(logged)} ERROR lines in the daemon's log"),
         "no_leaked_slots": (gauges == {"slots_in_use": 0.0, "queue_length": 0.0},
                             f"once idle: {gauges.get('slots_in_use', '?')} slots in use, {gauges.get('queue_length', '?')} queued"),
     }
@@ -543,12 +559,15 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
         "start": asdict(start_sample), "baseline": asdict(baseline), "end": asdict(end) if end else None,
         "idle_gauges": gauges, "rows": [asdict(r) for r in rows],
         "by_scenario": dict(sorted(s.collector.totals.items())), "unexpected_samples": s.collector.samples,
+        "logged_errors": logged[:20],
         "checks": {name: {"passed": ok, "detail": detail} for name, (ok, detail) in checks.items()},
         "passed": all(ok for ok, _ in checks.values()),
     }
     print("\nby scenario and outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(s.collector.totals.items())))
     for sample in s.collector.samples:
         print(f"  unexpected: {sample}")
+    for line in logged[:5]:
+        print(f"  logged by the daemon: {line}")
     if not alive:
         print(f"the daemon died:\n{daemon.log_tail()}")
     print(f"start {start_sample.rss_kb / 1024:.1f} MiB / {start_sample.fds} fds / {start_sample.threads} threads; "

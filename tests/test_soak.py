@@ -20,9 +20,10 @@ def test_a_short_soak_reports_outcomes_leaks_and_a_verdict(tiny_bundle, tmp_path
     assert r.returncode == (0 if report["passed"] else 1)
     assert "verdict: PASS" in r.stdout or "verdict: FAIL" in r.stdout
     checks = report["checks"]
-    assert set(checks) == {"alive", "no_unexpected_errors", "no_leaked_slots", "rss_growth", "fds_flat", "threads_flat"}
+    assert set(checks) == {"alive", "no_unexpected_errors", "no_logged_errors", "no_leaked_slots", "rss_growth",
+                           "fds_flat", "threads_flat"}
     # What holds however short the run (RSS, fds and threads are judged over minutes, not seconds).
-    for name in ("alive", "no_unexpected_errors", "no_leaked_slots"):
+    for name in ("alive", "no_unexpected_errors", "no_logged_errors", "no_leaked_slots"):
         assert checks[name]["passed"], (checks[name], report["unexpected_samples"])
     assert report["rows"] and sum(row["requests"] for row in report["rows"]) > 0
     scenarios = {key.split(":")[0] for key in report["by_scenario"]}
