@@ -8,10 +8,11 @@ at random priorities. Every scenario knows how it may end; anything else is an u
 Minute by minute it prints requests by outcome, unexpected errors, the client-side inter-token latency
 (p50/p99, from requests streamed token by token) and the daemon's RSS, open fds, threads, slots in use
 and queue length (/proc/<pid> and its metrics endpoint). First, requests spanning the whole context
-fill every slot once: the KV cache's pages are committed on first write, so until then RSS grows with
-the longest request seen, which is warm-up, not a leak. After a warm-up under load the load pauses
-until the daemon is idle, and its RSS, fds and threads are taken as the baseline; at the end, once idle
-again, they are compared with it.
+fill every slot once: ONNX Runtime's arena grows to the largest activations it has seen and keeps them,
+and the KV cache's pages are committed on first write, so until then RSS grows with the longest request
+seen, which is warm-up, not a leak. After a warm-up under load the load pauses until the daemon is
+idle, and its RSS, fds and threads are taken as the baseline; at the end, once idle again, they are
+compared with it.
 
     python bench/soak.py [--bundle B] [--minutes 30] [--streams 8] [--slots 4] [--json FILE|-]
 
@@ -353,10 +354,10 @@ def late_cancel_refusal(msg: pb.SessionResponse) -> bool:
     return kind not in ("tokens", "finished")
 
 
-def fill_kv_cache(address: str, context: int, vocab: int, slots: int) -> None:
-    """Requests that span the whole context, on every slot at once: the KV cache's pages are committed on first
-    write, so until every slot has held a full context RSS grows with the longest request seen (a warm-up, not
-    a leak). Twice as many as there are slots, so each slot gets one even if some end before the rest arrive."""
+def fill_context(address: str, context: int, vocab: int, slots: int) -> None:
+    """Requests that span the whole context, on every slot at once: ONNX Runtime's arena and the KV cache grow
+    with the longest request seen and keep what they got, so this takes them to their peak before the baseline.
+    Twice as many as there are slots, so each slot gets one even if some end before the rest arrive."""
     channel = grpc.insecure_channel(grpc_target(address))
     stub = pb_grpc.InferenceStub(channel)
     rng = random.Random(0)
@@ -494,7 +495,7 @@ def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
     info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=30)
     channel.close()
     start_sample = sample_process(daemon.pid)
-    fill_kv_cache(daemon.address, info.context_length, info.vocab_size, info.slots)
+    fill_context(daemon.address, info.context_length, info.vocab_size, info.slots)
     total_s = args.minutes * 60
     warmup_s = min(args.warmup_minutes * 60, total_s / 2)
     row_s = args.row_seconds
