@@ -39,16 +39,15 @@ from edgellm.v1 import edgellm_pb2 as pb
 log = logging.getLogger("edgellm.daemon")
 
 
-def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int, cuda_graphs: str = "",
-               stream_interval_ms: int = 0) -> pb.ModelInfo:
+def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: int, cuda_graphs: str = "") -> pb.ModelInfo:
+    """What GetModel reports, but the default stream interval: the service adds the one it applies."""
     m = bundle.model
     return pb.ModelInfo(
         architecture=m["architecture"], hf_architecture=m["hf_architecture"],
         source=bundle.manifest.get("source", {}).get("name", ""), precision=bundle.manifest["precision"],
         backend=backend_name, context_length=bundle.context_length, slots=slots, bundle_id=bundle.bundle_id,
         vocab_size=m["vocab_size"], num_layers=m["num_layers"], kv_cache_bytes=kv_cache_bytes, cuda_graphs=cuda_graphs,
-        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0),
-        stream_interval_ms=stream_interval_ms)
+        edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
 
 
 def default_stream_interval_ms(setting: int | str, backend) -> int:
@@ -160,9 +159,9 @@ class Daemon:
         self.engine.start()
         stream_interval_ms = default_stream_interval_ms(cfg.generation.stream_interval_ms, self.backend)
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
-                          getattr(self.backend, "cuda_graphs", ""), stream_interval_ms)
+                          getattr(self.backend, "cuda_graphs", ""))
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
-                                        connections)
+                                        connections, stream_interval_ms)
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         self.server = grpc.aio.server(interceptors=[guard], options=grpc_server_options(cfg.limits))

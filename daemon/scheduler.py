@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from bundle_format.decode_buckets import decode_bucket
+from daemon.conversation import Conversation
 from daemon.metrics import EngineMetrics
 from daemon.sampling import Sampler, SamplingParams
 from daemon.text_stream import TextStream
@@ -113,23 +114,6 @@ class FinishEvent:
 
 
 Sink = Callable[[TokenEvent | FinishEvent], None]
-
-
-@dataclass(eq=False)
-class Conversation:
-    """A KV cache kept in one slot between the turns of a conversation.
-
-    `tokens` are the ids whose K/V sit in positions [0, len) of `slot`; the engine thread owns `slot`,
-    `tokens` and `busy`; the event loop sets `close_requested` only.
-    """
-
-    id: str
-    slot: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    busy: bool = False
-    evicted: bool = False  # lost its cache since the last turn
-    last_used: float = 0.0
-    close_requested: bool = False
 
 
 @dataclass(eq=False)

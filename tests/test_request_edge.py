@@ -40,11 +40,11 @@ def read_until_finished(s: SessionClient, ids: set[str]) -> dict[str, list[pb.Se
 
 # ---- oversized text ----------------------------------------------------------------------------------
 def test_oversized_text_is_refused_before_tokenizing(daemon, monkeypatch):
-    service = daemon.daemon.service
-    tok = service.tokenizer
+    preparer = daemon.daemon.service.preparer
+    tok = preparer.tokenizer
     # The tiny byte-level tokenizer has no normalizer: each token stands for at most its decoded bytes.
     longest = max(len(tok.decode([i], skip_special_tokens=False).encode()) for i in range(tok.vocab_size))
-    assert (TINY_CONTEXT - 1) * longest <= service.max_prompt_bytes <= (TINY_CONTEXT - 1) * (longest + 1)
+    assert (TINY_CONTEXT - 1) * longest <= preparer.max_prompt_bytes <= (TINY_CONTEXT - 1) * (longest + 1)
     encoded: list[int] = []
     encode = tok.encode
     monkeypatch.setattr(tok, "encode", lambda text: encoded.append(len(text)) or encode(text))
@@ -58,10 +58,10 @@ def test_oversized_text_is_refused_before_tokenizing(daemon, monkeypatch):
     with pytest.raises(grpc.RpcError) as err:
         stub.Tokenize(pb.TokenizeRequest(text=huge), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_bytes" in err.value.details()
-    assert all(n <= service.max_prompt_bytes for n in encoded)  # the tokenizer never saw the huge text
+    assert all(n <= preparer.max_prompt_bytes for n in encoded)  # the tokenizer never saw the huge text
     # Just within the bound is not refused for its size (its token count decides).
     with pytest.raises(grpc.RpcError) as err:
-        generate(stub, text="x" * service.max_prompt_bytes, max_new_tokens=1)
+        generate(stub, text="x" * preparer.max_prompt_bytes, max_new_tokens=1)
     assert "tokens" in err.value.details() and "max_prompt_bytes" not in err.value.details()
 
 

@@ -110,20 +110,21 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_tokens(daemon):
     assert msgs[-1].finished.usage.completion_tokens == 12
 
 
-def test_stream_interval_default_comes_from_the_server_and_zero_overrides_it(daemon):
-    info = daemon.daemon.service.model_info  # the server's default, as GetModel reports it
-    info.stream_interval_ms = 1000
-    stub = daemon.stub()
-
-    def chunks(**fields):
-        return [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=8, ignore_eos=True, **fields),
-                                         timeout=30) if m.HasField("tokens")]
-
+def test_stream_interval_default_comes_from_the_server_and_zero_overrides_it(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": str(tmp_path / "s.sock")},
+                                   "generation": {"stream_interval_ms": 1000}}).start()
     try:
+        stub = d.stub()
+        assert stub.GetModel(pb.GetModelRequest()).stream_interval_ms == 1000  # the server's default, as reported
+
+        def chunks(**fields):
+            return [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=8, ignore_eos=True, **fields),
+                                             timeout=30) if m.HasField("tokens")]
+
         assert len(chunks()) < 8  # unset: the server's 1000 ms
         assert len(chunks(stream_interval_ms=0)) == 8  # an explicit 0: every token at once
     finally:
-        info.stream_interval_ms = 0
+        d.stop()
 
 
 # A step on every allowed CPU: 25 ms chunks; on one thread with CPUs to spare: every token at once.
@@ -136,7 +137,7 @@ def test_auto_stream_interval_follows_the_backend_threads(tiny_bundle, tmp_path,
     try:
         stub = d.stub()
         assert stub.GetModel(pb.GetModelRequest()).stream_interval_ms == expected
-        assert d.daemon.service.model_info.stream_interval_ms == expected
+        assert d.daemon.service.preparer.default_stream_interval_ms == expected
         msgs = [m for m in stub.Generate(pb.GenerateRequest(text="abc", max_new_tokens=40, ignore_eos=True), timeout=30)
                 if m.HasField("tokens")]
         assert sum(len(m.tokens.token_ids) for m in msgs) == 40
@@ -461,6 +462,41 @@ def test_chat_conversation_prefills_only_the_new_turn(daemon):
     s.close()  # the conversation ends with its stream
     assert list(s.responses) == []
     assert wait_until(lambda: daemon.engine.slots_in_use == 0)
+
+
+def test_a_chat_conversation_keeps_the_answered_turns_only(daemon):
+    """Turns refused before they ran leave no trace: the next turn's prompt is the answered turns' messages, the
+    streamed replies included, plus its own, exactly as a plain request with those messages renders it."""
+    stub = daemon.stub()
+    s = SessionClient(stub)
+    s._out.put(pb.SessionRequest(open_conversation=pb.OpenConversation(id="chat")))
+    user = lambda text: pb.ChatMessage(role="user", content=text)  # noqa: E731
+
+    def turn(rid: str, *messages: pb.ChatMessage, **fields) -> tuple[str, pb.SessionResponse]:
+        s._out.put(pb.SessionRequest(start=pb.StartRequest(id=rid, conversation_id="chat", request=pb.GenerateRequest(
+            chat=pb.ChatMessages(messages=messages), **fields))))
+        text = ""
+        while (msg := s.next()).WhichOneof("kind") == "tokens":
+            text += msg.tokens.text
+        assert msg.id == rid
+        return text, msg
+
+    reply, end = turn("q1", user("hello there"), max_new_tokens=5, ignore_eos=True)
+    assert end.finished.reason == FR.FINISH_REASON_LENGTH
+    _, end = turn("too-long", user("forget me"), max_new_tokens=TINY_CONTEXT)  # refused after rendering
+    assert end.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "exceeds the context" in end.error.message
+    s._out.put(pb.SessionRequest(start=pb.StartRequest(id="raw", conversation_id="chat",
+                                                       request=pb.GenerateRequest(text="plain text"))))
+    end = s.next()
+    assert end.id == "raw" and end.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "takes chat turns" in end.error.message
+    _, end = turn("q2", user("and then?"), max_new_tokens=1)
+    history = [user("hello there"), pb.ChatMessage(role="assistant", content=reply), user("and then?")]
+    _, _, plain = generate(stub, chat=pb.ChatMessages(messages=history), max_new_tokens=1)
+    assert end.finished.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert end.finished.usage.cached_prompt_tokens > 0  # the conversation's cache served the answered turn
+    s.close()
+    assert list(s.responses) == []
 
 
 def test_conversation_errors(daemon):
