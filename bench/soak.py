@@ -346,12 +346,9 @@ class Workload:
 
 
 def late_cancel_refusal(msg: pb.SessionResponse) -> bool:
-    """The answer to a cancel that came after its request had ended: NOT_FOUND (as `error` under the request's id
-    today; a protocol with a kind of its own for refusals of messages that start nothing would send it there)."""
-    kind = msg.WhichOneof("kind")
-    if kind == "error":
-        return msg.error.code == grpc.StatusCode.NOT_FOUND.value[0]
-    return kind not in ("tokens", "finished")
+    """The answer to a cancel that came after its request had ended: a NOT_FOUND refusal of that cancel."""
+    return (msg.WhichOneof("kind") == "refused" and msg.refused.kind == pb.SESSION_REQUEST_KIND_CANCEL
+            and msg.refused.code == grpc.StatusCode.NOT_FOUND.value[0])
 
 
 def fill_context(address: str, context: int, vocab: int, slots: int) -> None:

@@ -476,6 +476,10 @@ def classify(msg: pb.SessionResponse) -> tuple[str, str]:
         assert msg.error.message, f"{msg.id!r}: an error without a message"
     elif kind == "tokens":
         assert len(msg.tokens.logprobs) in (0, len(msg.tokens.token_ids))
+    elif kind == "refused":  # a message that starts no request: the id it named is in the body, never in msg.id
+        assert msg.id == "", f"a refusal addressed to {msg.id!r}: {msg}"
+        assert msg.refused.code != grpc.StatusCode.OK.value[0] and msg.refused.message, f"a refusal without a reason: {msg}"
+        return REFUSAL, msg.refused.id
     return (_KNOWN_KINDS.get(kind) or REFUSAL), msg.id
 
 
