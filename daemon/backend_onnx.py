@@ -61,8 +61,7 @@ class OnnxBackend:
         # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
         # each of the ~300 kernels of a decode step costs more than the kernels) and stops spinning the moment
         # the step returns, so it never competes with the event loop, gRPC threads or the sampler between
-        # steps (a pool left spinning made decode 3-4x slower on 2 cores). Measured on the int8 demo model,
-        # 2 cores: 1.2x the decode tokens/s of a non-spinning pool.
+        # steps, where a pool left spinning slows decode several times over (figures: docs/benchmarks.md).
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.force_spinning_stop", "1")
         # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
