@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -13,14 +12,16 @@ from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
 
 
-@dataclass
 class StepStats:
     """What the last run computed, for the engine's failure count, pace and metrics."""
 
-    prefilled: int = 0  # prompt tokens written to the cache
-    decoded: int = 0  # sequences that got a decoded token
-    prefill_s: float = 0.0  # seconds in the prefill call
-    calls: dict[str, Exception | None] = field(default_factory=dict)  # "prefill"/"decode" -> its error, if it failed
+    __slots__ = ("prefilled", "decoded", "prefill_s", "calls")
+
+    def __init__(self) -> None:
+        self.prefilled = 0  # prompt tokens written to the cache
+        self.decoded = 0  # sequences that got a decoded token
+        self.prefill_s = 0.0  # seconds in the prefill call
+        self.calls: dict[str, Exception | None] = {}  # "prefill"/"decode" -> its error, None when it worked
 
 
 class ModelRunner:
@@ -28,7 +29,7 @@ class ModelRunner:
         self.backend = backend
         self.metrics = metrics
         self.clock = clock
-        self.stats = StepStats()
+        self.stats = StepStats()  # the last run's
 
     def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
         """Each sequence with the logits row of its next token, or the failure of the call it was in.
@@ -36,7 +37,10 @@ class ModelRunner:
         A row is a view of the backend's reused buffer: the caller samples it before asking for the next.
         The prefilled sequence yields a row only when its prompt is complete; a sequence resumed after a
         preemption has its outputs prefilled again and decodes from the next step."""
-        self.stats = stats = StepStats()
+        stats = self.stats  # reused: the last run's, until this one
+        stats.prefilled = stats.decoded = 0
+        stats.prefill_s = 0.0
+        stats.calls.clear()
         seq = plan.prefill
         if seq is not None:
             start, end = seq.cached, plan.prefill_end

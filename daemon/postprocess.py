@@ -94,23 +94,23 @@ class Postprocessor:
         self.class_metrics = class_metrics
         self.clock = clock
 
-    def accept(self, seq: Sequence, logits: np.ndarray) -> Ending | None:
-        """Sample seq's next token and stream it; how seq ends, if it does (a failure ends it alone, with ERROR)."""
-        try:
-            return self._sample_and_stream(seq, logits)
-        except StageFailure as failure:
-            return self.failed(failure)
-
     @staticmethod
     def failed(failure: StageFailure) -> Ending:
         log.error("request failed: %s", failure, exc_info=failure.cause)
         return Ending(FinishReason.ERROR, message=str(failure))
 
-    def _sample_and_stream(self, seq: Sequence, logits: np.ndarray) -> Ending | None:
+    def accept(self, seq: Sequence, logits: np.ndarray) -> Ending | None:
+        """Sample seq's next token and stream it; how seq ends, if it does (a failure ends it alone, with ERROR)."""
         try:
             token, logprob, top = seq.sampler.sample(logits, seq.output_ids)
         except Exception as e:
-            raise StageFailure("sampling", e) from e
+            return self.failed(StageFailure("sampling", e))
+        try:
+            return self._stream(seq, token, logprob, top)
+        except StageFailure as failure:
+            return self.failed(failure)
+
+    def _stream(self, seq: Sequence, token: int, logprob: float, top) -> Ending | None:
         now = self.clock()
         if seq.first_token_at is None:
             seq.first_token_at = now

@@ -13,7 +13,6 @@ submits while the engine thread steps); everything else runs on the engine threa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from daemon.sequence import Conversation, FinishReason, Priority, Sequence
 
@@ -41,17 +40,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-@dataclass
 class StepPlan:
     """What one step does. Sequences in `ended` are out of the scheduler already (their slots free)."""
 
-    ended: list[tuple[Sequence, FinishReason, str]] = field(default_factory=list)  # (seq, reason, message)
-    admitted: list[Sequence] = field(default_factory=list)  # got their first slot: their queue time ends
-    preempted: list[Sequence] = field(default_factory=list)  # paused for a higher class, back in the queue
-    evicted: list[Conversation] = field(default_factory=list)  # idle caches dropped to make room
-    prefill: Sequence | None = None  # prefills tokens [prefill.cached, prefill_end) of its prompt
-    prefill_end: int = 0
-    decode: list[Sequence] = field(default_factory=list)  # one token each, in one batch
+    __slots__ = ("ended", "admitted", "preempted", "evicted", "prefill", "prefill_end", "decode")
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[Sequence, FinishReason, str]] = []  # (seq, reason, message)
+        self.admitted: list[Sequence] = []  # got their first slot: their queue time ends
+        self.preempted: list[Sequence] = []  # paused for a higher class, back in the queue
+        self.evicted: list[Conversation] = []  # idle caches dropped to make room
+        self.prefill: Sequence | None = None  # prefills tokens [prefill.cached, prefill_end) of its prompt
+        self.prefill_end = 0
+        self.decode: list[Sequence] = []  # one token each, in one batch
 
 
 class Scheduler:
@@ -128,18 +129,19 @@ class Scheduler:
 
         dropped = [s for s in self.waiting if ended(s)]
         self.waiting = [s for s in self.waiting if not ended(s)]
+        ends = plan.ended
         message, self._refuse_queued = self._refuse_queued, None
         if message is not None:
-            plan.ended += [(s, FinishReason.UNAVAILABLE, message) for s in self.waiting if not s.output_ids]
+            ends += [(s, FinishReason.UNAVAILABLE, message) for s in self.waiting if not s.output_ids]
             self.waiting = [s for s in self.waiting if s.output_ids]
         for s in [*dropped, *[s for s in self.running if ended(s)]]:
             if s.failure:
-                plan.ended.append((s, FinishReason.ERROR, s.failure))
+                ends.append((s, FinishReason.ERROR, s.failure))
             elif s.cancel_requested:
-                plan.ended.append((s, FinishReason.CANCELLED, s.cancel_message))
+                ends.append((s, FinishReason.CANCELLED, s.cancel_message))
             else:
-                plan.ended.append((s, FinishReason.DEADLINE, ""))
-        for s, reason, _ in plan.ended:
+                ends.append((s, FinishReason.DEADLINE, ""))
+        for s, reason, _ in ends:
             self.finish(s, now, keep_cache=reason is not FinishReason.ERROR)
         for conv in [c for c in self.held if c.close_requested and not c.busy]:
             self._release(conv)
