@@ -31,9 +31,9 @@ import numpy as np
 from daemon.backend import write_decode_inputs
 from daemon.bundle import Bundle, BundleError
 from daemon.cuda_graph import CudaGraph, CudaGraphError
+from daemon.scheduler import decode_rows
 from daemon.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_batch_sizes, decode_profile,
                              fill_decode_inputs, memory_budget, packed_input_elements, packed_inputs, packed_views)
-from daemon.scheduler import decode_rows
 
 log = logging.getLogger("edgellm.backend")
 

@@ -23,11 +23,11 @@ from daemon.access import AccessGuard, Connections, read_token, server_tls_conte
 from daemon.backend import Backend
 from daemon.bundle import Bundle, verify_bundle
 from daemon.config import Config, LimitsConfig, split_host_port
+from daemon.engine import Engine, EngineFailed
 from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
                           remove_stale_relay_dirs, tcp_listener, unix_listener)
 from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.request_log import reopen_log_files
-from daemon.engine import Engine, EngineFailed
 from daemon.scheduler import decode_shapes
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
