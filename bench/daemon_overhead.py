@@ -92,12 +92,9 @@ class DirectLoop:
             t0 = time.perf_counter()
             token = int(np.argmax(backend.prefill(0, prompt, 0)))
             ttft = time.perf_counter() - t0
-            b = backend.decode_binding(1)
             t1 = time.perf_counter()
             for i in range(new_tokens - 1):
-                b.input_ids[0, 0] = token
-                b.positions[0] = len(prompt) + i
-                token = int(np.argmax(backend.decode(b)[0]))
+                token = int(np.argmax(backend.decode([0], [token], [len(prompt) + i])[0]))
             return ttft, (new_tokens - 1) / (time.perf_counter() - t1)
         finally:
             os.sched_setaffinity(0, before)

@@ -3,21 +3,24 @@
 The cache is one numpy array per layer and K/V, shaped [slots, kv_heads, max_seq, head_dim]. A step
 runs a contiguous range of rows (slots) by binding views of those arrays as both the `past_*` inputs
 and the `present_*` outputs, so GroupQueryAttention appends to the cache in place and nothing is copied.
-Decode bindings are kept per row range and their inputs live in fixed numpy buffers: a decode step
-writes a few integers and calls ONNX Runtime, nothing else (the same fixed-buffer discipline the
-TensorRT backend needs for CUDA graph replay).
+Decode bindings are kept per row count (bundle_format/decode_buckets.py's decode_bucket) and their inputs live in fixed
+numpy buffers: a decode step writes a few integers and calls ONNX Runtime, nothing else (the same
+fixed-buffer discipline the TensorRT backend needs for CUDA graph replay).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from bundle_format.bundle import Bundle
+from bundle_format.decode_buckets import decode_bucket
 from bundle_format.kv_cache import KvCacheLayout
+from daemon.backend import write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -27,8 +30,8 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 class _Binding:
     """An IOBinding whose inputs and logits output are fixed numpy buffers.
 
-    A decode step's caller fills input_ids [rows, 1] and positions [rows] (each row's token position, -1 for
-    an idle row); decode() turns positions into the graph's seqlens_k and query_lengths."""
+    A decode step fills input_ids [rows, 1] and positions [rows] (each row's token position, -1 for an idle
+    row), then turns positions into the graph's seqlens_k and query_lengths."""
 
     io: ort.IOBinding
     input_ids: np.ndarray
@@ -41,6 +44,7 @@ class _Binding:
 
 class OnnxBackend:
     name = "onnxruntime-cpu"
+    cuda_graphs = ""
 
     def __init__(self, graph_path: str | os.PathLike, layout: KvCacheLayout, vocab_size: int, slots: int,
                  threads: int = 0, worker_affinities: str | None = None):
@@ -58,8 +62,7 @@ class OnnxBackend:
         # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
         # each of the ~300 kernels of a decode step costs more than the kernels) and stops spinning the moment
         # the step returns, so it never competes with the event loop, gRPC threads or the sampler between
-        # steps (a pool left spinning made decode 3-4x slower on 2 cores). Measured on the int8 demo model,
-        # 2 cores: 1.2x the decode tokens/s of a non-spinning pool.
+        # steps, where a pool left spinning slows decode several times over (figures: docs/benchmarks.md).
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.force_spinning_stop", "1")
         # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
@@ -75,7 +78,7 @@ class OnnxBackend:
         self._ort_dtype = dtype
         # Logits of at most one position per row at a time: [slots, 1, vocab], reused every step.
         self._logits = np.empty((slots, 1, vocab_size), np.float32)
-        self._decode_bindings: dict[tuple[int, int], _Binding] = {}
+        self._decode_bindings: dict[int, _Binding] = {}  # by row count
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -97,31 +100,34 @@ class OnnxBackend:
         io.bind_output("logits", "cpu", 0, np.float32, list(b.logits.shape), b.logits.ctypes.data)
         return b
 
-    def prefill(self, row: int, token_ids: np.ndarray | list[int], start: int) -> np.ndarray:
-        """Write tokens at positions start.. of one row; returns the last token's logits [vocab] (a view)."""
+    def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view)."""
         n = len(token_ids)
-        b = self._bind(row, 1, n)
+        b = self._bind(slot, 1, n)
         b.input_ids[0] = token_ids
         b.seqlens_k[0] = start + n - 1
         b.logits_indices[0, 0] = n - 1
         self.session.run_with_iobinding(b.io)
         return b.logits[0, 0]
 
-    def decode_binding(self, rows: int) -> _Binding:
-        """The fixed buffers of a decode step over rows [0, rows): fill input_ids and positions, then call decode()."""
-        key = (0, rows)
-        b = self._decode_bindings.get(key)
+    def _decode_binding(self, rows: int) -> _Binding:
+        b = self._decode_bindings.get(rows)
         if b is None:
-            b = self._decode_bindings[key] = self._bind(0, rows, 1)
+            b = self._decode_bindings[rows] = self._bind(0, rows, 1)
         return b
 
-    def decode(self, b: _Binding) -> np.ndarray:
-        """One token per row; returns logits [rows, vocab] (a view of the reused buffer)."""
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """One token for each of slots at its position; returns logits [rows, vocab] (a view of the reused buffer)."""
+        b = self._decode_binding(decode_bucket(max(slots), self.slots))
+        write_decode_inputs(b.input_ids, b.positions, slots, token_ids, positions)
         # An idle row (position -1) gets no new token: nothing is written to its cache, its logits are unused.
         np.maximum(b.positions, 0, out=b.seqlens_k)
         np.greater_equal(b.positions, 0, out=b.query_lengths, casting="unsafe")
         self.session.run_with_iobinding(b.io)
         return b.logits[:, 0]
+
+    def close(self) -> None:
+        """Nothing to release: the session and the cache go with the object."""
 
 
 def create_cpu_backend(bundle: Bundle, slots: int, threads: int = 0,

@@ -24,14 +24,15 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from bundle_format.bundle import Bundle, BundleError
-from bundle_format.decode_buckets import decode_buckets
+from bundle_format.decode_buckets import decode_bucket, decode_buckets
 from bundle_format.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_profile, fill_decode_inputs,
                                     memory_budget, packed_input_elements, packed_inputs, packed_views)
+from daemon.backend import write_decode_inputs
 from daemon.cuda_graph import CudaGraph, CudaGraphError
 
 log = logging.getLogger("edgellm.backend")
@@ -51,12 +52,13 @@ class _Step:
     position_ids: np.ndarray
     write_indices: np.ndarray
     logits_indices: np.ndarray
-    positions: np.ndarray  # what a decode step's caller fills, with input_ids: each row's position, -1 if idle
+    positions: np.ndarray  # what a decode step fills, with input_ids: each row's position, -1 if idle
     graph: CudaGraph | None = None
 
 
 class TrtBackend:
     name = "tensorrt"
+    threads = 0  # the model runs on the GPU: a step keeps no CPU thread busy but the caller's
 
     def __init__(self, bundle: Bundle, slots: int, cuda_graphs: bool = True, device: int = 0):
         import pycuda.driver as cuda
@@ -211,8 +213,8 @@ class TrtBackend:
         stream.synchronize()
         return step.host_logits
 
-    def prefill(self, row: int, token_ids: np.ndarray | list[int], start: int) -> np.ndarray:
-        """Write tokens at positions start.. of one row; returns the last token's logits [vocab] (a view).
+    def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view).
 
         Prompts longer than the engine's prefill profile run as consecutive chunks."""
         self._ensure_context()
@@ -221,7 +223,7 @@ class TrtBackend:
         for begin in range(0, len(ids), self.max_prefill_tokens):
             chunk = ids[begin:begin + self.max_prefill_tokens]
             n = len(chunk)
-            self._bind(step, first_row=row, rows=1, tokens=n)
+            self._bind(step, first_row=slot, rows=1, tokens=n)
             views = packed_views(step.host_in, 1, n)
             pos = start + begin
             views["input_ids"][0] = chunk
@@ -231,21 +233,21 @@ class TrtBackend:
             self._run(step, graph=False)
         return step.host_logits[0, 0]
 
-    def decode_binding(self, rows: int) -> _Step:
-        """The fixed buffers of a decode step over rows [0, rows): fill input_ids and positions, then call decode()."""
-        return self._decode[rows]
-
-    def decode(self, step: _Step) -> np.ndarray:
-        """One token per row; returns logits [rows, vocab] (a view of the pinned buffer)."""
+    def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> _Step:
+        """The fixed buffers of the decode batch size that covers slots, filled for this step."""
         self._ensure_context()
+        step = self._decode[decode_bucket(max(slots), self.slots)]
+        write_decode_inputs(step.input_ids, step.positions, slots, token_ids, positions)
         self._decode_inputs(step)
-        return self._run(step)[:, 0]
+        return step
 
-    def decode_plain(self, step: _Step) -> np.ndarray:
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """One token for each of slots at its position; returns logits [rows, vocab] (a view of the pinned buffer)."""
+        return self._run(self._decode_step(slots, token_ids, positions))[:, 0]
+
+    def decode_plain(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """decode() without the CUDA graph (for validation and timing)."""
-        self._ensure_context()
-        self._decode_inputs(step)
-        return self._run(step, graph=False)[:, 0]
+        return self._run(self._decode_step(slots, token_ids, positions), graph=False)[:, 0]
 
     def close(self) -> None:
         for step in self._decode.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from bundle_format.bundle import Bundle, BundleError
+from daemon.backend import Backend
 from daemon.config import Config
 from daemon.thread_placement import ThreadPlacement
 
@@ -13,7 +14,7 @@ class BackendError(RuntimeError):
     """The bundle's backend cannot start here; the message says why and what to do."""
 
 
-def create_backend(bundle: Bundle, config: Config, placement: ThreadPlacement | None = None):
+def create_backend(bundle: Bundle, config: Config, placement: ThreadPlacement | None = None) -> Backend:
     """A loaded backend for the bundle's target, with its KV cache allocated for config.engine.slots."""
     target = bundle.manifest.get("target", "cpu")
     slots = config.engine.slots

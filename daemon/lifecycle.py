@@ -22,12 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from bundle_format.bundle import Bundle, verify_bundle
 from bundle_format.decode_buckets import decode_buckets
 from daemon.access import AccessGuard, Connections, read_token, server_tls_context
+from daemon.backend import Backend
 from daemon.config import Config, LimitsConfig, split_host_port
+from daemon.engine import Engine, EngineFailed
 from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
                           remove_stale_relay_dirs, tcp_listener, unix_listener)
 from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.request_log import reopen_log_files
-from daemon.scheduler import Engine, EngineFailed
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
@@ -50,11 +51,11 @@ def model_info(bundle: Bundle, backend_name: str, slots: int, kv_cache_bytes: in
         edgellm_version=__version__, weight_bytes_per_token=bundle.manifest["graph"].get("weight_bytes_per_token", 0))
 
 
-def default_stream_interval_ms(setting: int | str, backend) -> int:
+def default_stream_interval_ms(setting: int | str, backend: Backend) -> int:
     """generation.stream_interval_ms with "auto" resolved for this backend's threads and this process's CPUs."""
     if setting != "auto":
         return setting
-    return auto_stream_interval_ms(getattr(backend, "threads", 0), len(allowed_cpus()))
+    return auto_stream_interval_ms(backend.threads, len(allowed_cpus()))
 
 
 def grpc_server_options(limits: LimitsConfig) -> list[tuple[str, int]]:
@@ -107,7 +108,7 @@ class Daemon:
     from systemd) belong to the front door, which checks who connects (see daemon/front.py).
     """
 
-    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend,
+    def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend: Backend,
                  notifier: Notifier | None = None, inherited: list[socket.socket] | None = None,
                  placement: ThreadPlacement | None = None, token: str | None = None,
                  tls: ssl.SSLContext | None = None) -> None:
@@ -159,7 +160,7 @@ class Daemon:
         self.engine.start()
         stream_interval_ms = default_stream_interval_ms(cfg.generation.stream_interval_ms, self.backend)
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
-                          getattr(self.backend, "cuda_graphs", ""))
+                          self.backend.cuda_graphs)
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
                                         connections, stream_interval_ms)
         guard = AccessGuard(cfg.access, connections, self.token,
@@ -277,11 +278,11 @@ class Daemon:
             shutil.rmtree(self._relay_dir, ignore_errors=True)
 
 
-def warm_up(backend, slots: int) -> None:
+def warm_up(backend: Backend, slots: int) -> None:
     """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
     backend.prefill(0, [0], 0)
     for rows in decode_buckets(slots):
-        backend.decode(backend.decode_binding(rows))
+        backend.decode([rows - 1], [0], [0])  # the highest slot picks the batch of `rows`
 
 
 async def run_daemon(config: Config, bundle: Bundle) -> None:

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from daemon.access import Peer
 from daemon.conversation import Conversation
-from daemon.scheduler import FinishEvent, FinishReason, Sequence, TokenEvent
+from daemon.sequence import FinishEvent, FinishReason, Sequence, TokenEvent
 from edgellm.v1 import edgellm_pb2 as pb
 
 _FINISH_REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

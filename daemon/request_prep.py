@@ -20,7 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from daemon.config import MAX_STREAM_INTERVAL_MS, GenerationConfig, LimitsConfig
 from daemon.conversation import Conversation
 from daemon.sampling import SamplingParams
-from daemon.scheduler import Priority, Sequence
+from daemon.sequence import Priority, Sequence
 from daemon.tokenizer import Tokenizer
 from edgellm.v1 import edgellm_pb2 as pb
 

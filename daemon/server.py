@@ -24,7 +24,8 @@ from daemon.conversation import Conversation
 from daemon.request_log import log_request
 from daemon.request import Failure, Malformed, Request
 from daemon.request_prep import RequestPreparer, RequestRejected, internal
-from daemon.scheduler import Engine, FinishEvent, QueueFullError, Sequence, TokenEvent
+from daemon.engine import Engine
+from daemon.sequence import FinishEvent, QueueFullError, Sequence, TokenEvent
 from daemon.session_stream import SessionStream
 from daemon.tokenizer import Tokenizer
 from edgellm.v1 import edgellm_pb2 as pb

@@ -17,7 +17,7 @@ import grpc
 from daemon.conversation import Conversation
 from daemon.request import Failure, Malformed, Request, duration
 from daemon.request_prep import RequestRejected, internal
-from daemon.scheduler import FinishEvent, TokenEvent
+from daemon.sequence import FinishEvent, TokenEvent
 from edgellm.v1 import edgellm_pb2 as pb
 
 if TYPE_CHECKING:

@@ -75,10 +75,9 @@ def greedy(backend, ids: list[int], n: int, forced: list[int] | None = None) -> 
     """n greedy tokens of `backend` (slot 0) after prompt ids. With `forced` (teacher forcing), decode step i
     takes forced[i] as its input instead of the backend's own last token, so one difference does not derail the rest."""
     out = [int(np.argmax(backend.prefill(0, ids, 0)))]
-    b = backend.decode_binding(1)
     for i in range(n - 1):
-        b.input_ids[0, 0], b.positions[0] = out[-1] if forced is None else forced[i], len(ids) + i
-        out.append(int(np.argmax(backend.decode(b)[0])))
+        token = out[-1] if forced is None else forced[i]
+        out.append(int(np.argmax(backend.decode([0], [token], [len(ids) + i])[0])))
     return out
 
 
@@ -121,13 +120,11 @@ def validate_bundle(path: Path, slots: int = 4, new_tokens: int = 16) -> Validat
 
     # Graph replay against plain enqueue on the same inputs (the step rewrites the same cache slot).
     for rows in sorted(gpu.graph_status):
-        b = gpu.decode_binding(rows)
-        b.input_ids.fill(1)
-        b.positions.fill(3)
-        with_graph = gpu.decode(b).copy()
-        plain = gpu.decode_plain(b).copy()
+        step = (list(range(rows)), [1] * rows, [3] * rows)  # slots, token ids, positions
+        with_graph = gpu.decode(*step).copy()
+        plain = gpu.decode_plain(*step).copy()
         report.graph_max_diff = max(report.graph_max_diff, float(np.abs(with_graph - plain).max()))
-        report.timings_ms[f"decode batch {rows}, CUDA graph"] = _median_ms(lambda: gpu.decode(b), 50)
+        report.timings_ms[f"decode batch {rows}, CUDA graph"] = _median_ms(lambda: gpu.decode(*step), 50)
         report.timings_ms[f"decode batch {rows}, plain enqueue"] = _median_ms(lambda: gpu.decode_plain(b), 50)
     prompt = list(range(1, min(128, gpu.max_prefill_tokens) + 1))
     report.timings_ms[f"prefill {len(prompt)} tokens"] = _median_ms(lambda: gpu.prefill(0, prompt, 0), 10)

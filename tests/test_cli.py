@@ -177,15 +177,13 @@ def answer_margins(bundle_path: Path, question: str, answer: str) -> list[tuple[
     expected = [*tok.encode(answer), tok.token_to_id("<|im_end|>")]
     backend = create_cpu_backend(bundle, slots=1)
     logits = backend.prefill(0, prompt, 0)
-    step = backend.decode_binding(1)
     margins = []
     for i, token in enumerate(expected):
         logprobs = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
         others = np.delete(logprobs, token)
         margins.append((tok.decode([token], skip_special_tokens=False), float(logprobs[token] - others.max())))
         if i + 1 < len(expected):
-            step.input_ids[0, 0], step.positions[0] = token, len(prompt) + i
-            logits = backend.decode(step)[0]
+            logits = backend.decode([0], [token], [len(prompt) + i])[0]
     return margins
 
 

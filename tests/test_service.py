@@ -86,12 +86,12 @@ def test_watchdog_pings_come_from_engine_progress_and_stop_while_a_step_hangs(ti
     hang = {}
     real_decode = d.daemon.backend.decode
 
-    def decode(binding):
+    def decode(*args):
         if not hang:  # the first decode step hangs for a second
             hang["start"] = time.monotonic()
             threading.Event().wait(1.0)
             hang["end"] = time.monotonic()
-        return real_decode(binding)
+        return real_decode(*args)
 
     # Each ping's time is taken when the engine thread sends it, not when the receiver gets to read it.
     sent: list[float] = []
@@ -257,9 +257,9 @@ def test_drain_refuses_new_requests_lets_short_ones_finish_and_cancels_the_rest(
     d.start()
     real_decode = d.daemon.backend.decode
 
-    def slow_decode(binding):  # a slower device: 25 ms per step, so a long request outlasts the drain period
+    def slow_decode(*args):  # a slower device: 25 ms per step, so a long request outlasts the drain period
         threading.Event().wait(0.025)
-        return real_decode(binding)
+        return real_decode(*args)
 
     d.daemon.backend.decode = slow_decode
     channel = grpc.insecure_channel(d.daemon.addresses[0])

@@ -61,11 +61,9 @@ def test_graphs_captured_and_replay_equals_plain_enqueue(compiled):
         assert all(s == "captured" for s in backend.graph_status.values()), backend.graph_status
         backend.prefill(0, list(range(1, 20)), 0)  # longer than max_prefill_tokens: two chunks
         for rows in (1, 2, 4):
-            b = backend.decode_binding(rows)
-            b.input_ids.fill(5)
-            b.positions.fill(19)
-            with_graph = backend.decode(b).copy()
-            plain = backend.decode_plain(b).copy()
+            step = (list(range(rows)), [5] * rows, [19] * rows)  # slots, token ids, positions
+            with_graph = backend.decode(*step).copy()
+            plain = backend.decode_plain(*step).copy()
             assert with_graph.shape == (rows, backend.vocab_size)
             np.testing.assert_allclose(with_graph, plain, rtol=0, atol=1e-4)
     finally:

@@ -1,0 +1,43 @@
+"""What the engine needs of a backend: a KV cache of fixed slots, a prefill of one slot, a batched decode.
+
+Each backend owns its fixed buffers (IO bindings, pinned memory, CUDA-graph addresses): the engine hands
+it plain token ids and positions, and it writes them into those buffers itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str
+    slots: int
+    threads: int  # CPU threads a step keeps busy (the caller's included); 0 where the model runs elsewhere (a GPU)
+    cuda_graphs: str  # one line for GetModel: which decode batch sizes replay a CUDA graph; "" where none can
+
+    @property
+    def kv_cache_bytes(self) -> int: ...
+
+    def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write token_ids at positions start.. of one slot; the last token's logits [vocab] (a view, valid
+        until the next call)."""
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """One token for each of slots at its position; logits [rows, vocab] indexed by slot (a view, valid
+        until the next call; rows past the highest slot, and idle rows below it, hold nothing)."""
+
+    def close(self) -> None: ...
+
+
+def write_decode_inputs(input_ids: np.ndarray, row_positions: np.ndarray, slots: Sequence[int],
+                        token_ids: Sequence[int], positions: Sequence[int]) -> None:
+    """Fill a decode step's fixed buffers: each busy row's input id and position, -1 for an idle row.
+
+    An idle row gets nothing written to its cache and its logits go unread; its input id is whatever valid
+    token the row last held, so it needs no reset (a graph gathers it all the same)."""
+    row_positions.fill(-1)
+    for slot, token, position in zip(slots, token_ids, positions):
+        input_ids[slot, 0] = token
+        row_positions[slot] = position
