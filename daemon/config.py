@@ -88,6 +88,7 @@ class LimitsConfig:
     # prompt tokens allowed x the bytes of the vocabulary's longest token (x4 where a normalizer may merge characters).
     max_prompt_bytes: int = 0
     max_requests_per_connection: int = 64  # requests running or queued at once from one client connection
+    max_conversations_per_stream: int = 64  # conversations open at once on one Session stream (each keeps its history)
     # Client connections open at once, all listeners together; a connection beyond is closed at once. Each one
     # costs the daemon 3 file descriptors, so the daemon lowers this to fit its open-file limit (docs/limits.md).
     max_connections: int = 512
@@ -123,7 +124,7 @@ _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_token
              "generation.default_max_new_tokens": 1, "generation.max_stop_sequences": 0,
              "generation.max_stop_length": 1, "generation.max_buffered_chunks": 1, "generation.stream_interval_ms": 0,
              "limits.max_message_bytes": 1024, "limits.max_prompt_tokens": 0, "limits.max_prompt_bytes": 0,
-             "limits.max_requests_per_connection": 1,
+             "limits.max_requests_per_connection": 1, "limits.max_conversations_per_stream": 1,
              "limits.max_connections": 1, "limits.handshake_timeout_s": 0.1, "limits.idle_timeout_s": 0.1,
              "limits.max_streams_per_connection": 1, "limits.min_ping_interval_s": 0.0,
              "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1}

@@ -56,6 +56,10 @@ class SessionStream:
         self.out: asyncio.Queue = asyncio.Queue()
         self.requests: dict[str, Request] = {}  # by id: started and not yet ended for the client (seq None while preparing)
         self.conversations: dict[str, Conversation] = {}  # open ones, by id
+        # Set while `out` holds at most generation.max_buffered_chunks: a client that sends without reading what it
+        # is owed (refusals pile up) is read no further until it catches up, so its backlog stays bounded.
+        self._room = asyncio.Event()
+        self._room.set()
 
     async def responses(self, request_iterator: AsyncIterator[pb.SessionRequest]) -> AsyncIterator[pb.SessionResponse]:
         """The stream's responses, until the input has ended and so has every request started on it."""
@@ -64,6 +68,8 @@ class SessionStream:
         try:
             while not (input_done and not self.requests):
                 item = await self.out.get()
+                if self.out.qsize() <= self.service.generation.max_buffered_chunks:
+                    self._room.set()
                 if isinstance(item, _EndOfInput):
                     input_done = True
                 elif isinstance(item, StreamFailure):
@@ -109,6 +115,9 @@ class SessionStream:
         or the stream's failure."""
         try:
             async for msg in request_iterator:
+                if self.out.qsize() > self.service.generation.max_buffered_chunks:
+                    self._room.clear()
+                    await self._room.wait()
                 if isinstance(msg, Malformed):  # nothing after it can be trusted to mean what it says
                     self.out.put_nowait(StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, self.service.report_malformed(msg, self.peer)))
                     return
@@ -193,6 +202,9 @@ class SessionStream:
             return self._refuse(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, cid, grpc.StatusCode.INVALID_ARGUMENT, f"conversation id must be 1..{MAX_ID_BYTES} bytes")
         if cid in self.conversations:
             return self._refuse(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, cid, grpc.StatusCode.ALREADY_EXISTS, f"conversation {cid!r} is already open on this stream")
+        limit = self.service.limits.max_conversations_per_stream
+        if len(self.conversations) >= limit:
+            return self._refuse(pb.SESSION_REQUEST_KIND_OPEN_CONVERSATION, cid, grpc.StatusCode.RESOURCE_EXHAUSTED, f"this stream already has {limit} open conversations (limits.max_conversations_per_stream); close one first")
         self.conversations[cid] = Conversation(cid)
 
     def _close_conversation(self, cid: str) -> None:
