@@ -55,9 +55,8 @@ def pin_current_thread(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})  # 0: the calling thread (Linux applies affinity per thread)
 
 
-# Measured on 2 cores (bench/daemon_overhead.py, 20 rounds, the demo model and a 345M Llama at int8 and int4):
-# per-token streaming ran at 0.93-0.96x the decode tokens/s of driving ONNX Runtime directly, 25 ms chunks at
-# 0.96-0.97x; 50 ms gained about 1% more in earlier runs. With a core to spare, per-token streaming ran at 0.99x.
+# Where the model's threads fill every core, each streamed message takes CPU from the step: 25 ms chunks win
+# back most of it, while a person reading the text sees no difference (figures: docs/benchmarks.md).
 CONTENDED_STREAM_INTERVAL_MS = 25
 
 

@@ -110,10 +110,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
-# The demo runs int8 (8-bit weights in blocks of 64, the same bits per weight as llama.cpp's Q8_0): within
-# 0.2% of fp32's perplexity on held-out text, 2.4x smaller, about 2x the decode speed, and ready in about 1 s
-# where fp32 takes about 2. It answers the README's question as fp32 does, each token by a wide margin
-# (docs/reliability.md; tests/test_cli.py checks the margins).
+# The demo runs int8 (8-bit weights in blocks of 64, the same bits per weight as llama.cpp's Q8_0): as accurate
+# as fp32 on held-out text, smaller, faster to decode and to start (docs/benchmarks.md), and it answers the
+# README's question as fp32 does, each token by a wide margin (docs/reliability.md; tests/test_cli.py checks it).
 DEMO_PRECISION = "int8"
 
 
