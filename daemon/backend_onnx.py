@@ -73,12 +73,19 @@ class OnnxBackend:
         self.threads = so.intra_op_num_threads  # CPU threads a step keeps busy (the caller's included)
         dtype = _NP_DTYPES[layout.dtype]
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)
-        self.cache = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(layout.num_layers)]
+        # Written once here, not left to calloc's lazy pages: the whole cache is resident from the start, so the
+        # memory the daemon needs is what it holds before READY (a box short of it fails at start, not under load).
+        self.cache = [(_resident(shape, dtype), _resident(shape, dtype)) for _ in range(layout.num_layers)]
         self._row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
         self._ort_dtype = dtype
         # Logits of at most one position per row at a time: [slots, 1, vocab], reused every step.
         self._logits = np.empty((slots, 1, vocab_size), np.float32)
         self._decode_bindings: dict[int, _Binding] = {}  # by row count
+        # Prefill gives ONNX Runtime's arena back what a long chunk made it grow by: otherwise the longest prompt
+        # ever seen would keep its activations' memory for the life of the daemon. Decode steps need no more
+        # than their first call did.
+        self._prefill_options = ort.RunOptions()
+        self._prefill_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -107,7 +114,7 @@ class OnnxBackend:
         b.input_ids[0] = token_ids
         b.seqlens_k[0] = start + n - 1
         b.logits_indices[0, 0] = n - 1
-        self.session.run_with_iobinding(b.io)
+        self.session.run_with_iobinding(b.io, self._prefill_options)
         return b.logits[0, 0]
 
     def _decode_binding(self, rows: int) -> _Binding:
@@ -128,6 +135,12 @@ class OnnxBackend:
 
     def close(self) -> None:
         """Nothing to release: the session and the cache go with the object."""
+
+
+def _resident(shape: tuple[int, ...], dtype) -> np.ndarray:
+    arr = np.empty(shape, dtype)
+    arr.fill(0)
+    return arr
 
 
 def create_cpu_backend(bundle: Bundle, slots: int, threads: int = 0,
