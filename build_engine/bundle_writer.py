@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import math
 import os
@@ -75,7 +76,10 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # this folder is being written: remove_leftovers of another build keeps it
     try:
         write_payload(tmp)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -102,7 +106,30 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return out
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary folders of builds of `out` that were killed mid-write: a build holds a lock on its
+    folder while it writes (released by the kernel however the build ends), so an unlocked one is left over."""
+    removed = []
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a build is writing it now
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class BundleWriteError(OSError):

@@ -3,6 +3,8 @@ during `edgellm build`. Every wait is bounded (call timeouts, process timeouts).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
 import resource
 import shutil
@@ -175,3 +177,18 @@ def test_a_full_disk_during_build_leaves_no_bundle(tiny_checkpoint, tmp_path):
     assert f"cannot write the bundle {out}: No space left on device" in result.stderr, result.stderr
     assert "nothing of it was kept" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout.splitlines()[-1].strip() == "left:", result.stdout
+
+
+def test_a_build_killed_mid_write_leaves_nothing_the_next_build_keeps(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    killed, running = tmp_path / ".bundle.tmp-abc123", tmp_path / ".bundle.tmp-def456"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model.onnx.data").write_bytes(b"half written")
+    lock = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a build still writing it holds it
+    try:
+        build_bundle(tiny_checkpoint, out, context_length=32)
+    finally:
+        os.close(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", running.name])
