@@ -31,13 +31,13 @@ import stat
 import struct
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 from daemon.access import Connections, Peer
 from daemon.config import split_host_port
 from daemon.metrics import METRICS_MAX_CONNECTIONS, MetricsEndpoint
+from daemon.request_log import ThrottledLog
 
 log = logging.getLogger("edgellm.front")
 
@@ -53,7 +53,6 @@ ACCEPT_BATCH = 100
 # gRPC's and ONNX Runtime's internals, logs, a GPU's device nodes), a batch of connections accepted but not
 # yet counted, and the metrics endpoint's connections and its own accept batch (docs/limits.md).
 FD_RESERVE = 96 + ACCEPT_BATCH + 2 * METRICS_MAX_CONNECTIONS
-REFUSED_LOG_INTERVAL_S = 10.0  # at most one log line this often about connections refused at the bound
 
 
 def raise_open_file_limit() -> int:
@@ -196,8 +195,7 @@ class FrontDoor:
         self.open_connections = 0  # in the TLS handshake or relayed; read by a gauge from other threads
         self.metrics: MetricsEndpoint | None = None
         self.listeners: list[socket.socket] = []
-        self._refused_unlogged = 0
-        self._refused_logged_at = -REFUSED_LOG_INTERVAL_S
+        self._refused_log = ThrottledLog(log)  # a client can open connections at will: not a line for each
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._loop_error)
         self._thread = threading.Thread(target=self._loop.run_forever, name="edgellm-front", daemon=True)
@@ -260,12 +258,8 @@ class FrontDoor:
         writer.transport.abort()
         if self.on_refused:
             self.on_refused()
-        self._refused_unlogged += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL_S:
-            log.warning("connections refused: %d open is the bound (limits.max_connections); %d refused since "
-                        "the last line like this", self.open_connections, self._refused_unlogged)
-            self._refused_logged_at, self._refused_unlogged = now, 0
+        self._refused_log.warning(f"a connection refused: {self.open_connections} open is the bound "
+                                  "(limits.max_connections)")
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.open_connections >= self.max_connections:

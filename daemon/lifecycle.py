@@ -137,8 +137,7 @@ class Daemon:
         self._own_unix_socket: str | None = None
         self._relay_dir: str | None = None
         self._stopped = False
-        # rel-engine: set when the engine gives up (engine.max_consecutive_failures); run_daemon then exits non-zero.
-        self.engine_failure: str | None = None
+        # Set when the engine gives up (engine.max_consecutive_failures; why: engine.failed): run_daemon exits 1.
         self.engine_failed = asyncio.Event()
 
     async def start(self) -> None:
@@ -151,9 +150,9 @@ class Daemon:
                              heartbeat=self.notifier.progress if watchdog else None,
                              heartbeat_s=watchdog / 4 if watchdog else None,
                              cpu=self.placement.engine_cpu if self.placement else None,
-                             # rel-engine: the engine thread reports giving up; the rest happens on this loop.
                              max_consecutive_failures=cfg.engine.max_consecutive_failures,
-                             on_failure=lambda reason: loop.call_soon_threadsafe(self._engine_gave_up, reason))
+                             # The engine thread reports giving up; the rest happens on this loop.
+                             on_failure=lambda reason: asyncio.run_coroutine_threadsafe(self._engine_gave_up(reason), loop))
         if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
             pin_current_thread(self.placement.service_cpu)
         connections = Connections()
@@ -217,14 +216,13 @@ class Daemon:
                         address_of(exposed[0]))
         return listeners
 
-    def _engine_gave_up(self, reason: str) -> None:
-        """rel-engine: the engine failed too often (it has ended every request): stop serving, for run_daemon to exit."""
+    async def _engine_gave_up(self, reason: str) -> None:
+        """The engine failed too often (it has ended every request): stop serving, for run_daemon to exit."""
         log.error("the engine keeps failing; exiting so that the service manager restarts the daemon: %s", reason)
         if self.service:
             self.service.draining = True  # new requests: UNAVAILABLE
-        asyncio.ensure_future(self._set_serving(False))
         self.notifier.status(f"engine failed: {reason}")
-        self.engine_failure = reason
+        await self._set_serving(False)
         self.engine_failed.set()
 
     async def drain(self, grace: float) -> None:
@@ -237,7 +235,7 @@ class Daemon:
             return
         service.draining = True
         await self._set_serving(False)
-        # rel-engine: queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
+        # Queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
         self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         running = len(service.live)
         log.info("draining: %d requests running, up to %gs", running, grace)
@@ -337,17 +335,17 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "
                        f"{', '.join(daemon.addresses)}")
         print(f"edgellm: ready on {', '.join(daemon.addresses)}", flush=True)
-        # rel-engine: serve until a signal, or until the engine gives up.
+        # Serve until a signal, or until the engine gives up.
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.engine_failed.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
-        if daemon.engine_failure is None:
+        if not daemon.engine_failed.is_set():
             log.info("stopping")
             await daemon.drain(config.service.drain_seconds)
             notifier.status("stopping")
     finally:
         await daemon.stop(0)
         notifier.close()
-    if daemon.engine_failure is not None:  # rel-engine: `edgellm serve` exits 1; systemd's Restart=on-failure
-        raise EngineFailed(f"the engine keeps failing: {daemon.engine_failure}")
+    if daemon.engine_failed.is_set():  # `edgellm serve` exits 1: systemd's Restart=on-failure starts it again
+        raise EngineFailed(f"the engine keeps failing: {daemon.engine.failed}")

@@ -1,10 +1,12 @@
 """The daemon's log: where it goes (stderr, i.e. journald under systemd, or a file reopened on SIGHUP),
-and the one structured line (logfmt) written at the end of every request."""
+the one structured line (logfmt) written at the end of every request, and lines that clients can trigger at
+will, throttled."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from daemon.config import LoggingConfig
 
@@ -46,3 +48,22 @@ def log_request(**fields: object) -> None:
     """One logfmt line: `request id=... peer=... priority=... prompt_tokens=... ... reason=...`."""
     if request_log.isEnabledFor(logging.INFO):
         request_log.info("request " + " ".join(f"{k}={_value(v)}" for k, v in fields.items()))
+
+
+class ThrottledLog:
+    """At most one warning per `every_s` seconds, counting the ones left out: clients cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self.logger, self.every_s = logger, every_s
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it since the last such line)"
+        self._next, self._left_out = now + self.every_s, 0
+        self.logger.warning(message)

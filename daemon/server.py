@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -21,7 +20,7 @@ from bundle_format.bundle import Bundle
 from daemon.access import Connections, Peer
 from daemon.config import GenerationConfig, LimitsConfig
 from daemon.conversation import Conversation
-from daemon.request_log import log_request
+from daemon.request_log import ThrottledLog, log_request
 from daemon.request import Failure, Malformed, Request
 from daemon.request_prep import RequestPreparer, RequestRejected, internal
 from daemon.engine import Engine
@@ -64,25 +63,6 @@ def add_inference_service(service: "InferenceService", server: grpc.aio.Server) 
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-class ThrottledLog:
-    """At most one warning per `every_s` seconds, counting the ones left out: clients cannot flood the log."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
-        self.logger, self.every_s = logger, every_s
-        self._next = 0.0
-        self._left_out = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._left_out += 1
-            return
-        if self._left_out:
-            message += f" ({self._left_out} more like it since the last such line)"
-        self._next, self._left_out = now + self.every_s, 0
-        self.logger.warning(message)
-
-
 def shutting_down() -> RequestRejected:
     return RequestRejected(grpc.StatusCode.UNAVAILABLE,
                            "the server is shutting down and takes no new requests; retry on another instance")
@@ -97,7 +77,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         """model_info: what GetModel reports but the default stream interval, `stream_interval_ms` (resolved)."""
         self.engine = engine
         self.generation = generation
-        self.model_info = model_info
+        self.model_info = pb.ModelInfo()  # what GetModel answers, built once: the bundle's and the defaults in force
+        self.model_info.CopyFrom(model_info)
+        self.model_info.stream_interval_ms = stream_interval_ms
         self.limits = limits or LimitsConfig()
         self.connections = connections or Connections()
         self.preparer = RequestPreparer(tokenizer, engine.context_length, generation, self.limits,
@@ -146,7 +128,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def _sink(self, request: Request) -> Callable[[TokenEvent | FinishEvent], None]:
         def sink(ev: TokenEvent | FinishEvent) -> None:
-            # Called with other requests' events in one batch (scheduler._deliver): it must never raise.
+            # Called with other requests' events in one batch (Engine._deliver): it must never raise.
             try:
                 if isinstance(ev, FinishEvent):
                     self._settle(request)  # first: the live counts never wait on anything that can fail
@@ -253,8 +235,5 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.report_malformed(request, self.connections.of(context)))
-        info = pb.ModelInfo()
-        info.CopyFrom(self.model_info)
-        info.stream_interval_ms = self.preparer.default_stream_interval_ms
-        return info
+        return self.model_info
 
