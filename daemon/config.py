@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import yaml
 
+from edgellm.socket_trust import default_unix_socket
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -23,14 +25,6 @@ def split_host_port(address: str, field_name: str) -> tuple[str, int]:
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"'{field_name}' must be host:port (e.g. \"127.0.0.1:50051\"), got {address!r}")
     return host.strip("[]"), int(port)
-
-
-def default_unix_socket() -> str:
-    """$XDG_RUNTIME_DIR/edgellm.sock, else a per-user folder under /tmp: shared by `serve` and `chat`."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "edgellm.sock")
-    return f"/tmp/edgellm-{os.getuid()}/edgellm.sock"
 
 
 @dataclass

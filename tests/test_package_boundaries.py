@@ -2,7 +2,8 @@
 
 bundle_format (the on-disk format) stands alone; build_engine (the build step) uses it but no daemon code, so
 building or compiling does not load the server's stack (prometheus_client, jinja2, the tokenizer wrapper);
-daemon and build_engine see of edgellm only its package (`__version__`) and the generated API, edgellm.v1.
+daemon and build_engine see of edgellm only its package (`__version__`), the generated API, edgellm.v1, and the
+socket trust rule the daemon shares with its clients (edgellm.socket_trust, standard library only).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def under(modules: set[str], *packages: str) -> set[str]:
 
 
 def edgellm_beyond_api(modules: set[str]) -> set[str]:
-    """edgellm modules other than the package itself and the generated API."""
-    return {m for m in under(modules, "edgellm") if m != "edgellm" and not m.startswith("edgellm.v1")}
+    """edgellm modules other than the package itself, the generated API and the shared socket trust rule."""
+    return {m for m in under(modules, "edgellm")
+            if m not in ("edgellm", "edgellm.socket_trust") and not m.startswith("edgellm.v1")}
 
 
 @pytest.fixture(scope="module")
