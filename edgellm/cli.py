@@ -151,8 +151,10 @@ def demo_bundle() -> Path:
 
     path = cache_dir() / "bundles" / f"{DEMO_MODEL_NAME}-cpu-{DEMO_PRECISION}-v{FORMAT_VERSION}"
     if not (path / "manifest.yaml").is_file():
-        # Created private: whoever can write the cache can change the model the daemon serves.
-        cache_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # created private: whoever can write the cache can change the model the daemon serves
+            cache_dir().mkdir(mode=0o700, parents=True)
+        except FileExistsError:  # a folder already (or not one: the build below says so)
+            pass
         print(f"edgellm: building the demo model's bundle once into {path} ...", file=sys.stderr, flush=True)
         gguf = demo_gguf_path(cache_dir())
         build_bundle(gguf, path, precision=DEMO_PRECISION, force=True)
