@@ -452,3 +452,18 @@ def test_demo_cache_folder_is_created_private(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert stat.S_IMODE(cache_dir().stat().st_mode) == 0o700
+
+
+def test_stale_relay_folder_cleanup_spares_other_users_and_links(tmp_path):
+    """At start the daemon removes relay folders of its own dead processes only: not another user's, not a link."""
+    from daemon.front import RELAY_DIR_PREFIX, remove_stale_relay_dirs
+
+    dead = 2**22 + 12345  # above the kernel's pid_max default: no such process
+    ours, theirs = tmp_path / f"{RELAY_DIR_PREFIX}{dead}-a", tmp_path / f"{RELAY_DIR_PREFIX}{dead}-b"
+    target = tmp_path / "precious"
+    for folder in (ours, theirs, target):
+        folder.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    (tmp_path / f"{RELAY_DIR_PREFIX}{dead}-c").symlink_to(target)
+    assert remove_stale_relay_dirs(str(tmp_path)) == [str(ours)]
+    assert theirs.is_dir() and target.is_dir() and (tmp_path / f"{RELAY_DIR_PREFIX}{dead}-c").is_symlink()
