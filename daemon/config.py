@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -27,12 +28,53 @@ def split_host_port(address: str, field_name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback_host(host: str) -> bool | None:
+    """Whether a listener's host is loopback: known for "localhost" and IP literals, None for other names."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return None  # a name: judged on the address it is bound to (check_tcp_exposure at start)
+
+
+def check_tcp_exposure(listen: ListenConfig, access: AccessConfig, address: str) -> str | None:
+    """Protected mode for a TCP listener on `address` ("host:port"): raise ConfigError where it may not serve as
+    configured; the warning to log where listen.allow_insecure_tcp lets it serve unprotected; else None.
+
+    Loopback (127.0.0.0/8, ::1, localhost) is reachable from this machine only and is served as configured.
+    Elsewhere the network can read and forge what travels, so TLS is needed, and anyone who reaches the
+    port can call, so the client must prove itself: a bearer token or a client certificate."""
+    host, _ = split_host_port(address, "listen.tcp")
+    if is_loopback_host(host) is not False:  # a host name is judged again on the address bound at start
+        return None
+    tls, token, client_ca = access.tls_cert is not None, access.token_file is not None, access.tls_client_ca is not None
+    if token and not tls:  # never allowed: the token would travel in clear, for anyone on the path to reuse
+        raise ConfigError(f"listen.tcp: {address} is not a loopback address and access.token_file is set without TLS: "
+                          f"the token would travel in clear text; set access.tls_cert and access.tls_key "
+                          f"(listen.allow_insecure_tcp does not lift this)")
+    if tls and (token or client_ca):
+        return None
+    missing = ([] if tls else ["TLS (access.tls_cert and access.tls_key)"]) + \
+        ([] if token or client_ca else ["client authentication (access.token_file or access.tls_client_ca)"])
+    if listen.allow_insecure_tcp:
+        return (f"TCP on {address} without {' and without '.join(missing)} (listen.allow_insecure_tcp: true): "
+                f"whoever reaches the port can send requests" + ("" if tls else " and read them in clear text"))
+    raise ConfigError(f"listen.tcp: {address} is not a loopback address and has no {' and no '.join(missing)}: "
+                      f"anyone who reaches the port could use the model" + ("" if tls else " and read the prompts") +
+                      "; set those keys, listen on 127.0.0.1 instead, or set listen.allow_insecure_tcp: true "
+                      "to serve it unprotected anyway")
+
+
 @dataclass
 class ListenConfig:
     unix: str | None = field(default_factory=default_unix_socket)  # Unix socket path; null disables it
     tcp: str | None = None  # "host:port", e.g. "127.0.0.1:50051"; null disables TCP
     unix_mode: str = "0660"  # octal file mode of the Unix socket the daemon creates
     unix_group: str | None = None  # group (name or id) of that socket; null: the daemon's group
+    # TCP on an address other than loopback needs TLS plus a token or client certificates (docs/security.md);
+    # true serves it without them anyway, with a warning at start. A token without TLS is refused regardless.
+    allow_insecure_tcp: bool = False
 
 
 @dataclass
@@ -62,6 +104,7 @@ class GenerationConfig:
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
     file: str | None = None  # log file (reopened on SIGHUP); null: stderr (journald under systemd)
+    format: str = "text"  # text: one line per record; json: one JSON object per line, for log shippers
 
 
 @dataclass
@@ -127,7 +170,7 @@ _MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS,
              # gRPC takes these as 32-bit milliseconds
              "limits.handshake_timeout_s": 86400.0, "limits.idle_timeout_s": 86400.0, "limits.min_ping_interval_s": 86400.0,
              "limits.max_streams_per_connection": 2**31 - 1}
-_CHOICES = {"logging.level": ("debug", "info", "warning", "error")}
+_CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("text", "json")}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -186,7 +229,7 @@ def parse_config(data: Any) -> Config:
         raise ConfigError("'access.tls_client_ca' (mutual TLS) needs 'access.tls_cert' and 'access.tls_key'")
     # A malformed address fails here, before a long model load, rather than when the listener binds.
     if cfg.listen.tcp:
-        split_host_port(cfg.listen.tcp, "listen.tcp")
+        check_tcp_exposure(cfg.listen, cfg.access, cfg.listen.tcp)  # also parses the address
     if cfg.service.metrics:
         split_host_port(cfg.service.metrics, "service.metrics")
     return cfg

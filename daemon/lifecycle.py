@@ -5,7 +5,6 @@ systemd, serve until SIGTERM, drain and stop.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from bundle_format.bundle import Bundle, verify_bundle
 from bundle_format.decode_buckets import decode_buckets
 from daemon.access import AccessGuard, Connections, read_token, server_tls_context
 from daemon.backend import Backend
-from daemon.config import Config, LimitsConfig, split_host_port
+from daemon.config import Config, ConfigError, LimitsConfig, check_tcp_exposure, split_host_port
 from daemon.engine import Engine, EngineFailed
 from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
                           remove_stale_relay_dirs, tcp_listener, unix_listener)
@@ -35,6 +34,7 @@ from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_
                                      pin_current_thread)
 from daemon.tokenizer import Tokenizer
 from edgellm import __version__
+from edgellm.socket_trust import UntrustedSocket, make_private_folder, socket_folder
 from edgellm.v1 import edgellm_pb2 as pb
 
 log = logging.getLogger("edgellm.daemon")
@@ -75,11 +75,22 @@ def grpc_server_options(limits: LimitsConfig) -> list[tuple[str, int]]:
             ("grpc.keepalive_permit_without_calls", 1)]  # idle connections are closed by idle_timeout_s anyway
 
 
+def prepare_socket_folder(path: str) -> None:
+    """Create the socket's folder (0700), or check that the one there is ours and private (edgellm/socket_trust.py).
+
+    Raises UntrustedSocket with what to do: a folder another user owns or can write lets them replace the
+    socket, and the clients that trust the default address would send their prompts to the impostor."""
+    folder = socket_folder(path)
+    try:
+        make_private_folder(folder)
+    except UntrustedSocket as e:
+        raise UntrustedSocket(f"listen.unix: refusing to listen on {path}: {e}") from None
+
+
 def prepare_unix_socket(path: str) -> None:
-    """Create the socket's folder (private when we make it) and clear a stale socket file left by a crash."""
+    """Make or check the socket's folder (prepare_socket_folder) and clear a stale socket file left by a crash."""
+    prepare_socket_folder(path)
     p = Path(path)
-    if not p.parent.exists():
-        p.parent.mkdir(parents=True, mode=0o700)
     if p.exists() or p.is_symlink():
         if not stat.S_ISSOCK(p.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
@@ -210,10 +221,15 @@ class Daemon:
             self._own_unix_socket = cfg.listen.unix
         if cfg.listen.tcp and not any(s.family != socket.AF_UNIX for s in self.inherited):
             listeners.append(tcp_listener(cfg.listen.tcp))
-        exposed = [s for s in listeners if s.family != socket.AF_UNIX and not ipaddress.ip_address(s.getsockname()[0]).is_loopback]
-        if exposed and cfg.access.tls_cert is None:
-            log.warning("TCP without TLS on %s: whoever reaches the port reads and sends requests in clear text",
-                        address_of(exposed[0]))
+        try:  # protected mode, on the addresses bound (a host name is known to be loopback or not only now)
+            warnings = [check_tcp_exposure(cfg.listen, cfg.access, address_of(s))
+                        for s in listeners if s.family != socket.AF_UNIX]
+        except ConfigError:
+            for sock in listeners[len(self.inherited):]:
+                sock.close()
+            raise
+        for warning in filter(None, warnings):
+            log.warning("%s", warning)
         return listeners
 
     async def _engine_gave_up(self, reason: str) -> None:
@@ -276,6 +292,16 @@ class Daemon:
             shutil.rmtree(self._relay_dir, ignore_errors=True)
 
 
+def check_listeners(config: Config, inherited: list[socket.socket]) -> None:
+    """What can be refused before the model loads: an untrusted socket folder, an unprotected exposed TCP listener."""
+    if config.listen.unix and not any(s.family == socket.AF_UNIX for s in inherited):
+        prepare_socket_folder(config.listen.unix)
+    tcp = [address_of(s) for s in inherited if s.family != socket.AF_UNIX] or \
+        ([config.listen.tcp] if config.listen.tcp else [])
+    for address in tcp:
+        check_tcp_exposure(config.listen, config.access, address)  # the warning, if any, is logged at start
+
+
 def warm_up(backend: Backend, slots: int) -> None:
     """Run each step shape once so ONNX Runtime's first-run allocations happen before READY."""
     backend.prefill(0, [0], 0)
@@ -294,6 +320,7 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     notifier = Notifier()
     raise_open_file_limit()  # before the model's files and the clients' connections take descriptors
     inherited = listen_sockets()
+    check_listeners(config, inherited)  # before a long model load; Daemon.start checks the bound sockets again
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None
     tls = server_tls_context(config.access)

@@ -142,7 +142,8 @@ class RequestPreparer:
             raise _invalid(f"at most {gen.max_stop_sequences} stop sequences, got {len(req.stop)}")
         for s in req.stop:
             if not s or len(s) > gen.max_stop_length:
-                raise _invalid(f"stop sequences must be 1..{gen.max_stop_length} characters, got {s!r}")
+                # Its length, not its text: the message is logged, and what a request holds is never logged.
+                raise _invalid(f"stop sequences must be 1..{gen.max_stop_length} characters, got one of {len(s)}")
         deadline = None
         if req.HasField("deadline"):
             seconds = duration_seconds(req.deadline, "deadline")

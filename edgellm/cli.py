@@ -31,6 +31,33 @@ def rpc_failure(address: str, e) -> str:
     return f"{address}: {e.code().name}: {e.details()}"
 
 
+class Refused(Exception):
+    """A client command must not connect: the message says why; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def client_address(given: str | None) -> str:
+    """--address as given (the user's choice), else the default socket once it is known to be this user's own.
+
+    Checked before anything is sent: another user who could replace the default socket would get the prompt."""
+    from edgellm.socket_trust import SocketMissing, UntrustedSocket, check_socket_owner, default_unix_socket
+
+    if given:
+        return given
+    address = default_unix_socket()
+    try:
+        check_socket_owner(address)
+    except SocketMissing as e:
+        raise Refused(f"cannot reach the daemon: {e}", EXIT_FAILED) from None
+    except UntrustedSocket as e:
+        raise Refused(f"refusing to use the default socket {address}: {e}; "
+                      f"--address names a socket to use instead", EXIT_USAGE) from None
+    return address
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from build_engine.build import build_bundle
 
@@ -124,6 +151,10 @@ def demo_bundle() -> Path:
 
     path = cache_dir() / "bundles" / f"{DEMO_MODEL_NAME}-cpu-{DEMO_PRECISION}-v{FORMAT_VERSION}"
     if not (path / "manifest.yaml").is_file():
+        try:  # created private: whoever can write the cache can change the model the daemon serves
+            cache_dir().mkdir(mode=0o700, parents=True)
+        except FileExistsError:  # a folder already (or not one: the build below says so)
+            pass
         print(f"edgellm: building the demo model's bundle once into {path} ...", file=sys.stderr, flush=True)
         gguf = demo_gguf_path(cache_dir())
         build_bundle(gguf, path, precision=DEMO_PRECISION, force=True)
@@ -137,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError, load_config
     from daemon.request_log import configure_logging
     from daemon.lifecycle import run_daemon
+    from edgellm.socket_trust import UntrustedSocket
 
     try:
         config = load_config(args.config)
@@ -167,6 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run_daemon(config, bundle))
     except BundleError as e:
         return fail("serve", f"refusing to start: {e}")
+    except UntrustedSocket as e:  # a socket folder another user owns or can write (docs/security.md)
+        return fail("serve", f"refusing to start: {e}", EXIT_USAGE)
     except OSError as e:
         return fail("serve", str(e))
     except RuntimeError as e:  # grpc reports a port it cannot bind as RuntimeError
@@ -179,11 +213,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     import grpc
 
-    from daemon.config import default_unix_socket
     from edgellm.client import connect
     from edgellm.v1 import edgellm_pb2 as pb
 
-    address = args.address or default_unix_socket()
+    try:
+        address = client_address(args.address)
+    except Refused as e:
+        return fail("chat", str(e), e.code)
     messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
     messages.append(pb.ChatMessage(role="user", content=args.prompt))
     req = pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), max_new_tokens=args.max_new_tokens,
@@ -217,7 +253,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     import yaml
 
     from bundle_format.bundle import BundleError, load_bundle
-    from daemon.config import default_unix_socket
 
     target = args.target
     if target and Path(target).is_dir():
@@ -239,7 +274,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from edgellm.client import connect
     from edgellm.v1 import edgellm_pb2 as pb
 
-    address = target or default_unix_socket()
+    try:
+        address = client_address(target)
+    except Refused as e:
+        return fail("info", str(e), e.code)
     channel, stub = connect(address)
     try:
         info = stub.GetModel(pb.GetModelRequest(), timeout=10)
@@ -254,10 +292,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import grpc
 
-    from daemon.config import default_unix_socket
     from edgellm.bench import format_results, plot_results, run_bench
 
-    address = args.address or default_unix_socket()
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
         if not levels or min(levels) < 1:
@@ -266,6 +302,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return fail("bench", f"--concurrency must be a comma-separated list of positive integers, got {args.concurrency!r}", EXIT_USAGE)
     if args.stream_interval_ms is not None and args.stream_interval_ms < 0:
         return fail("bench", f"--stream-interval-ms must be >= 0, got {args.stream_interval_ms}", EXIT_USAGE)
+    try:
+        address = client_address(args.address)
+    except Refused as e:
+        return fail("bench", str(e), e.code)
     try:
         results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds, args.stream_interval_ms)
     except ValueError as e:
