@@ -141,7 +141,10 @@ def check_graph_external_data(bundle: Bundle, graph: bytes) -> None:
     except MalformedGraph as e:
         raise BundleError(f"{graph_path}: not a readable ONNX graph ({e})") from None
     listed = {os.path.realpath(bundle.path / name) for name in bundle.manifest["files"]}
+    first_user: dict[str, str] = {}  # hundreds of tensors share one data file: each location is checked once
     for tensor, location in locations:
+        first_user.setdefault(location, tensor)
+    for location, tensor in first_user.items():
         entry = f"{graph_path}: tensor {tensor!r} stores its data in {location!r}"
         # Relative to the graph's folder, as the runtimes read it; a listed file is inside the bundle.
         if os.path.realpath(inside_bundle(graph_path.parent, location, entry)) not in listed:
