@@ -68,8 +68,11 @@ class Bundle:
 
 def load_bundle(path: Path, verify: bool = True) -> Bundle:
     """Read a bundle's manifest, check that every file it names stays inside the bundle, and (by default)
-    check every file against its sha256."""
-    path = Path(path)
+    check every file against its sha256.
+
+    A path through a symbolic link (a `current` link that an update swaps) is resolved once, here: every file of
+    the bundle is then read from the one folder the link named at this moment, even if it is swapped meanwhile."""
+    path = Path(os.path.realpath(path))
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle folder")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import stat
 import subprocess
@@ -379,3 +380,14 @@ def test_build_refuses_an_unusable_signing_key_before_building(tiny_checkpoint, 
     with pytest.raises(KeyFileError):
         build_bundle(tiny_checkpoint, tmp_path / "b", signing_key=tmp_path / "bad.pem")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_current_link_is_resolved_once(bundle, tmp_path):
+    """The over-the-air layout: `current` -> a bundle folder. Swapping the link after the load starts does not
+    mix two bundles' files: the loaded bundle names the folder itself."""
+    other = Path(shutil.copytree(bundle, tmp_path / "other"))
+    (tmp_path / "current").symlink_to(bundle)
+    loaded = load_bundle(tmp_path / "current", verify=False)
+    (tmp_path / "next").symlink_to(other)
+    os.rename(tmp_path / "next", tmp_path / "current")  # the atomic swap of the update flow
+    assert loaded.path == bundle.resolve() and loaded.graph_path.parent == bundle.resolve()
