@@ -99,6 +99,10 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     # the model load or the tokenizer trips over it with a message that does not say which bundle file it was.
     for name in manifest["files"]:
         _check_present(inside_bundle(path, name, f"{manifest_path}: files entry {name!r}"))
+    # Unlisted files too may be read (the tokenizer picks up chat_template.jinja and the like): none may be a link out.
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            inside_bundle(path, entry.name, f"{entry}: a symbolic link")
     _check_references(bundle)
     if verify:
         verify_bundle(bundle)
@@ -163,7 +167,7 @@ def verify_bundle(bundle: Bundle) -> None:
     """Check every file against the manifest's sha256; raise BundleError naming the first that differs.
 
     The graph is read once: the bytes whose external-data locations are checked are the bytes that were hashed."""
-    graph_name = bundle.manifest["graph"]["file"]
+    graph_name, graph = bundle.manifest["graph"]["file"], None
     for name, digest in bundle.manifest["files"].items():
         f = inside_bundle(bundle.path, name, f"{bundle.path / MANIFEST_NAME}: files entry {name!r}")
         _check_present(f)
@@ -174,4 +178,4 @@ def verify_bundle(bundle: Bundle) -> None:
             ok = file_sha256(f) == digest
         if not ok:
             raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
-    check_graph_external_data(bundle, graph)
+    check_graph_external_data(bundle, graph if graph is not None else bundle.graph_path.read_bytes())

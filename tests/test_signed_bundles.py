@@ -215,6 +215,14 @@ def test_manifest_file_outside_the_bundle_is_refused(bundle, tmp_path, name):
         load_bundle(bundle, verify=False)
 
 
+def test_unlisted_link_out_of_the_bundle_is_refused(bundle, tmp_path):
+    """The tokenizer reads chat_template.jinja when it is there, listed or not: it must not lead outside either."""
+    (tmp_path / "secret").write_text("outside")
+    (bundle / "chat_template.jinja").symlink_to(tmp_path / "secret")
+    with pytest.raises(BundleError, match=r"chat_template\.jinja: a symbolic link: resolves to .*secret, outside"):
+        load_bundle(bundle, verify=False)
+
+
 def test_manifest_section_naming_an_unlisted_file_is_refused(bundle):
     rewrite_manifest(bundle, lambda m: m["graph"].__setitem__("file", "../model.onnx"))
     with pytest.raises(BundleError, match="graph.file '../model.onnx' is not one of the bundle's files"):
