@@ -151,8 +151,9 @@ def read_signatures(folder: Path) -> list[Signature]:
             if entry.get("algorithm") != ALGORITHM:
                 raise ValueError(f"signature {i}: algorithm {entry.get('algorithm')!r}, this edgellm checks {ALGORITHM}")
             public = base64.b64decode(entry["public_key"], validate=True)
-            sig = Signature(str(entry["key_id"]), public, str(entry.get("signer", "")),
-                            base64.b64decode(entry["signature"], validate=True))
+            # The signer is a label outside the signed bytes: shown, never trusted, kept printable.
+            signer = "".join(c if c.isprintable() else "?" for c in str(entry.get("signer", "")))[:200]
+            sig = Signature(str(entry["key_id"]), public, signer, base64.b64decode(entry["signature"], validate=True))
             if len(public) != 32 or hashlib.sha256(public).hexdigest() != sig.key_id:
                 raise ValueError(f"signature {i}: key_id does not match its public key")
             out.append(sig)

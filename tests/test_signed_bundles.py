@@ -84,6 +84,11 @@ def test_sign_and_verify_round_trip(bundle, keys):
     assert check.signature.key_id == hashlib.sha256(bytes(check.signature.public_key)).hexdigest()
 
 
+def test_signer_label_is_kept_printable(bundle, keys):
+    sign(bundle, keys["a"][0], "ci\x1b[2Jrelease")  # a terminal escape in the unsigned label
+    assert read_signatures(bundle)[0].signer == "ci?[2Jrelease"
+
+
 def test_tampered_manifest_breaks_the_signature(bundle, keys):
     sign(bundle, keys["a"][0])
     rewrite_manifest(bundle, lambda m: m.__setitem__("precision", "int4"))  # checksums untouched: only the signature sees it
