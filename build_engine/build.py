@@ -80,10 +80,11 @@ def load_checkpoint(model: Path) -> tuple[ModelSpec, dict, str, dict[str, Any], 
 
 def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str = "fp32",
                  context_length: int = DEFAULT_CONTEXT_LENGTH, force: bool = False,
-                 calibration_text: str | None = None) -> Path:
+                 calibration_text: str | None = None, signing_key: Path | None = None, signer: str = "") -> Path:
     """Build the bundle for `model` into folder `out`; returns its path.
 
-    calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text)."""
+    calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text).
+    signing_key: a PEM Ed25519 private key that signs the bundle (bundle_format/signature.py), read before the build."""
     from build_engine.graph_builder import save_graph
 
     if target not in TARGETS:
@@ -95,6 +96,12 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
         raise BuildError(f"context length {context_length} is too small (at least 16)")
     if Path(out).exists() and not force:
         raise BuildError(f"{out} already exists (use --force to replace it)")
+    sign = None
+    if signing_key is not None:  # a bad key fails now, not after a long build
+        from bundle_format.signature import load_private_key, sign_bundle
+
+        key = load_private_key(Path(signing_key))
+        sign = lambda folder: sign_bundle(folder, key, signer)  # noqa: E731
     t0 = time.monotonic()
     spec, weights, tok_json, tok_config, source_format = load_checkpoint(model)
     log.info("read %s checkpoint %s (%s, %d layers) in %.1fs", source_format, model, spec.hf_architecture,
@@ -144,6 +151,6 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
         "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
         **extra_manifest,
     }
-    path = write_bundle(out, payload, manifest, force=force)
+    path = write_bundle(out, payload, manifest, force=force, sign=sign)
     log.info("wrote bundle %s in %.1fs", path, time.monotonic() - t0)
     return path

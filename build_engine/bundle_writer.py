@@ -6,6 +6,7 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import logging
 import math
 import os
 import platform
@@ -18,7 +19,10 @@ import onnx
 import yaml
 
 from bundle_format.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from bundle_format.signature import SIGNATURE_NAME
 from edgellm import __version__
+
+log = logging.getLogger("edgellm.build")
 
 _ONNX_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                     onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
@@ -67,10 +71,12 @@ def _bundle_id(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in sorted(files.items())).encode()).hexdigest()[:16]
 
 
-def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dict[str, Any], force: bool = False) -> Path:
+def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dict[str, Any], force: bool = False,
+                 sign: Callable[[Path], Any] | None = None) -> Path:
     """Create bundle `out`: write_payload fills a temp folder, then checksums and the manifest are added.
 
-    `manifest` gets format_version, bundle_id, files, versions and a timestamp added here.
+    `manifest` gets format_version, bundle_id, files, versions and a timestamp added here. `sign(folder)` signs
+    the finished folder before it is renamed into place, so a signed bundle never appears unsigned.
     """
     out = Path(out).resolve()
     if out.exists() and not force:
@@ -87,6 +93,8 @@ def write_bundle(out: Path, write_payload: Callable[[Path], None], manifest: dic
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "edgellm_version": __version__, "runtimes": runtime_versions(), **manifest, "files": files}
         (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(full, sort_keys=False))
+        if sign:
+            sign(tmp)
         _sync_folder(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -173,4 +181,9 @@ def update_bundle(path: Path, new_files: dict[str, bytes], manifest_changes: dic
     manifest["files"] = files
     tmp = path / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    signature = path / SIGNATURE_NAME
+    if signature.exists():  # it covers the old manifest only: a daemon that requires signatures would refuse it
+        signature.unlink()
+        log.warning("%s: removed %s, which signed the manifest before this change; sign the bundle again "
+                    "(edgellm sign %s --key KEY)", path, SIGNATURE_NAME, path)
     tmp.rename(path / MANIFEST_NAME)

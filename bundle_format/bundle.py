@@ -1,19 +1,22 @@
 """The engine bundle: a folder with `manifest.yaml`, the graph (or engine), its weights and the tokenizer.
 
 This module owns the on-disk format: the build step writes it (build_engine/bundle_writer.py) and the
-daemon loads it with load_bundle, which refuses any bundle whose files do not match the checksums in its manifest.
+daemon loads it with load_bundle, which refuses any bundle whose files do not match the checksums in its manifest,
+or that names a file outside its folder (signatures: bundle_format/signature.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bundle_format.kv_cache import KvCacheLayout
+from bundle_format.onnx_external import MalformedGraph, external_data_locations
 
 MANIFEST_NAME = "manifest.yaml"
 FORMAT_VERSION = 2  # 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py)
@@ -37,6 +40,8 @@ def file_sha256(path: Path) -> str:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+    # The manifest exactly as read: the bytes a signature covers are the bytes that were parsed.
+    manifest_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def bundle_id(self) -> str:
@@ -62,16 +67,21 @@ class Bundle:
 
 
 def load_bundle(path: Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest and (by default) check every file against its sha256."""
-    path = Path(path)
+    """Read a bundle's manifest, check that every file it names stays inside the bundle, and (by default)
+    check every file against its sha256.
+
+    A path through a symbolic link (a `current` link that an update swaps) is resolved once, here: every file of
+    the bundle is then read from the one folder the link named at this moment, even if it is swapped meanwhile."""
+    path = Path(os.path.realpath(path))
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
         raise BundleError(f"{path}: not a bundle folder")
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing (is {path} an edgellm bundle?)")
+    raw = manifest_path.read_bytes()
     try:
         # The C loader when PyYAML has it: parsing the manifest counts at daemon start (docs/bundles.md).
-        manifest = yaml.load(manifest_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        manifest = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise BundleError(f"{manifest_path}: not valid YAML: {e}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
@@ -84,14 +94,68 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         missing = [k for k in keys if k not in value] if isinstance(value, dict) else [""]
         if missing:
             raise BundleError(f"{manifest_path}: no {section}{'.' + missing[0] if missing[0] else ''}; rebuild the bundle")
-    bundle = Bundle(path, manifest)
+    bundle = Bundle(path, manifest, raw)
     # Even unverified (checksums are then checked while the model loads), a missing file is named here, before
     # the model load or the tokenizer trips over it with a message that does not say which bundle file it was.
     for name in manifest["files"]:
-        _check_present(path / name)
+        _check_present(inside_bundle(path, name, f"{manifest_path}: files entry {name!r}"))
+    # Unlisted files too may be read (the tokenizer picks up chat_template.jinja and the like): none may be a link out.
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            inside_bundle(path, entry.name, f"{entry}: a symbolic link")
+    _check_references(bundle)
     if verify:
         verify_bundle(bundle)
+    else:
+        check_graph_external_data(bundle, bundle.graph_path.read_bytes())
     return bundle
+
+
+def inside_bundle(folder: Path, name: Any, entry: str) -> Path:
+    """folder/name, refused (BundleError naming `entry`) unless it is a relative path that stays inside folder
+    once `..` and symbolic links are resolved: a bundle reads no file but its own."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise BundleError(f"{entry}: not a file name")
+    if os.path.isabs(name):
+        raise BundleError(f"{entry}: an absolute path; a bundle may only name files inside its folder")
+    root = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(root, name))
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise BundleError(f"{entry}: resolves to {real}, outside the bundle folder {root}")
+    return Path(folder) / name
+
+
+def _check_references(bundle: Bundle) -> None:
+    """Each file the manifest's sections name is one of its checksummed `files` (hence inside the bundle)."""
+    m = bundle.manifest
+    refs = [("graph.file", m["graph"]["file"])]
+    for section, keys in (("tokenizer", ("file", "config")), ("engine", ("file",))):
+        value = m.get(section)
+        if isinstance(value, dict):
+            refs += [(f"{section}.{k}", value[k]) for k in keys if k in value]
+    for key, name in refs:
+        if not isinstance(name, str) or name not in m["files"]:
+            raise BundleError(f"{bundle.path / MANIFEST_NAME}: {key} {name!r} is not one of the bundle's files; rebuild the bundle")
+
+
+def check_graph_external_data(bundle: Bundle, graph: bytes) -> None:
+    """Every tensor the graph (its bytes: `graph`) stores in another file names one of the bundle's own files.
+
+    Checked before ONNX Runtime or TensorRT opens the graph, which resolve these locations themselves."""
+    graph_path = bundle.graph_path
+    try:
+        locations = external_data_locations(graph)
+    except MalformedGraph as e:
+        raise BundleError(f"{graph_path}: not a readable ONNX graph ({e})") from None
+    listed = {os.path.realpath(bundle.path / name) for name in bundle.manifest["files"]}
+    first_user: dict[str, str] = {}  # hundreds of tensors share one data file: each location is checked once
+    for tensor, location in locations:
+        first_user.setdefault(location, tensor)
+    for location, tensor in first_user.items():
+        entry = f"{graph_path}: tensor {tensor!r} stores its data in {location!r}"
+        # Relative to the graph's folder, as the runtimes read it; a listed file is inside the bundle.
+        if os.path.realpath(inside_bundle(graph_path.parent, location, entry)) not in listed:
+            raise BundleError(f"{entry}, which is not one of the bundle's files")
 
 
 def _check_present(f: Path) -> None:
@@ -100,10 +164,18 @@ def _check_present(f: Path) -> None:
 
 
 def verify_bundle(bundle: Bundle) -> None:
-    """Check every file against the manifest's sha256; raise BundleError naming the first that differs."""
-    for name, digest in bundle.manifest["files"].items():
-        f = bundle.path / name
-        _check_present(f)
-        if file_sha256(f) != digest:
-            raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
+    """Check every file against the manifest's sha256; raise BundleError naming the first that differs.
 
+    The graph is read once: the bytes whose external-data locations are checked are the bytes that were hashed."""
+    graph_name, graph = bundle.manifest["graph"]["file"], None
+    for name, digest in bundle.manifest["files"].items():
+        f = inside_bundle(bundle.path, name, f"{bundle.path / MANIFEST_NAME}: files entry {name!r}")
+        _check_present(f)
+        if name == graph_name:
+            graph = f.read_bytes()
+            ok = hashlib.sha256(graph).hexdigest() == digest
+        else:
+            ok = file_sha256(f) == digest
+        if not ok:
+            raise BundleError(f"{f}: checksum mismatch (the file changed since the build); rebuild the bundle")
+    check_graph_external_data(bundle, graph if graph is not None else bundle.graph_path.read_bytes())

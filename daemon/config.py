@@ -145,6 +145,14 @@ class ServiceConfig:
 
 
 @dataclass
+class TrustConfig:
+    # PEM Ed25519 public keys (paths). When any is set, the daemon serves only a bundle signed by one of them whose
+    # files all match the manifest's checksums, checked before anything of it is loaded (docs/signed-bundles.md);
+    # several keys let a fleet rotate them. Empty: signatures are not required (checksums are still checked).
+    public_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -154,6 +162,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,

@@ -309,6 +309,25 @@ def warm_up(backend: Backend, slots: int) -> None:
         backend.decode([rows - 1], [0], [0])  # the highest slot picks the batch of `rows`
 
 
+def trusted_keys(paths: list[str]) -> dict:
+    """trust.public_keys read (key id -> key); ValueError naming the setting and the file when one is unusable."""
+    from bundle_format.signature import KeyFileError, load_trusted_keys
+
+    try:
+        return load_trusted_keys(paths)
+    except KeyFileError as e:
+        raise KeyFileError(f"trust.public_keys: {e}") from None
+
+
+def verify_signed_bundle(bundle: Bundle, trusted: dict) -> None:
+    """The bundle is signed by a trusted key and its files match (bundle_format/signature.py); BundleError if not."""
+    from bundle_format.signature import verify_trusted_bundle
+
+    check = verify_trusted_bundle(bundle, trusted)
+    log.info("bundle %s: signed by trusted key %s%s; every file matches its checksum", bundle.path,
+             check.signature.key_id, f" ({check.signature.signer})" if check.signature.signer else "")
+
+
 async def run_daemon(config: Config, bundle: Bundle) -> None:
     """Load everything, serve until SIGINT/SIGTERM, then drain and stop cleanly.
 
@@ -324,14 +343,22 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None
     tls = server_tls_context(config.access)
+    trusted = trusted_keys(config.trust.public_keys) if config.trust.public_keys else None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
-    notifier.status(f"loading {bundle.path}")
-    # Checksums are verified while the model loads and awaited before serving: a changed byte is still refused.
-    verified = loop.run_in_executor(None, verify_bundle, bundle)
+    if trusted is None:
+        notifier.status(f"loading {bundle.path}")
+        # Checksums are verified while the model loads and awaited before serving: a changed byte is still refused.
+        verified = loop.run_in_executor(None, verify_bundle, bundle)
+    else:
+        # A signed bundle is checked whole before any of it is loaded: unverified bytes never reach the parsers.
+        notifier.status(f"verifying {bundle.path}")
+        await loop.run_in_executor(None, verify_signed_bundle, bundle, trusted)
+        notifier.status(f"loading {bundle.path}")
+        verified = asyncio.gather()  # nothing left to wait for
     # The tokenizer loads (in Rust, without the GIL) while ONNX Runtime loads the model.
     tokenizer_loading = loop.run_in_executor(
         None, lambda: Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model.get("eos_token_ids") or ()))

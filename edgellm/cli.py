@@ -64,13 +64,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         calib = Path(args.calib).read_text(encoding="utf-8") if args.calib else None
         path = build_bundle(Path(args.model), Path(args.output), target=args.target, precision=args.precision,
-                            context_length=args.context_length, force=args.force, calibration_text=calib)
+                            context_length=args.context_length, force=args.force, calibration_text=calib,
+                            signing_key=Path(args.sign) if args.sign else None, signer=args.signer or "")
     except (ValueError, OSError) as e:  # BuildError, UnsupportedModelError, checkpoint and file errors
         return fail("build", str(e))
     except Exception as e:  # noqa: BLE001 — a build must end with a message, never a traceback
         logging.getLogger("edgellm.build").debug("build failed", exc_info=True)
         return fail("build", f"{type(e).__name__}: {e}")
-    print(f"built {path}")
+    print(f"built {path}" + (" (signed)" if args.sign else ""))
     if args.target == "tensorrt":
         return _tensorrt_second_stage(path)
     return 0
@@ -257,7 +258,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     target = args.target
     if target and Path(target).is_dir():
         try:
-            bundle = load_bundle(Path(target), verify=args.verify)
+            # --verify checks the checksums below, with the signatures
+            bundle = load_bundle(Path(target), verify=False)
         except BundleError as e:
             return fail("info", str(e))
         m = bundle.manifest
@@ -266,9 +268,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         summary["context_length"] = bundle.context_length
         summary["files"] = list(m["files"])
         print(yaml.safe_dump(summary, sort_keys=False), end="")
-        if args.verify:
-            print("checksums: ok")
-        return 0
+        return verify_and_report(bundle, args) if args.verify or args.trust or args.config else 0
     from google.protobuf import json_format
 
     from edgellm.client import connect
@@ -286,6 +286,72 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     print(yaml.safe_dump(json_format.MessageToDict(info, preserving_proto_field_name=True), sort_keys=False), end="")
+    return 0
+
+
+def verify_and_report(bundle, args: argparse.Namespace) -> int:
+    """`info BUNDLE --verify`: who signed it, whether each signature and every checksum holds; with trusted keys
+    (--trust, or the --config file's trust.public_keys) the daemon's own rules. 0 when all hold, else 1."""
+    from bundle_format.bundle import BundleError, verify_bundle
+    from bundle_format.signature import KeyFileError, check_signatures, load_trusted_keys, verify_trusted_bundle
+    from daemon.config import ConfigError, load_config
+
+    try:
+        paths = args.trust or (load_config(args.config).trust.public_keys if args.config else [])
+        trusted = load_trusted_keys(paths)
+    except (ConfigError, KeyFileError) as e:
+        return fail("info", str(e), EXIT_USAGE)
+    try:
+        checks = check_signatures(bundle, trusted)
+    except BundleError as e:
+        return fail("info", str(e))
+    print("signatures:" if checks else "signatures: none (the bundle is unsigned)")
+    for c in checks:
+        print(f"  {c.describe()}")
+    try:
+        if trusted:
+            verify_trusted_bundle(bundle, trusted)
+        else:
+            verify_bundle(bundle)
+    except BundleError as e:
+        return fail("info", str(e))
+    print("checksums: ok")
+    if not trusted:
+        if any(not c.valid for c in checks):
+            return fail("info", "a signature does not match the manifest")
+        print("trust: not checked (give --trust PUBLIC_KEY or --config with trust.public_keys)")
+        return 0
+    print(f"trust: ok, signed by a trusted key ({len(trusted)} trusted)")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from bundle_format.bundle import BundleError, load_bundle
+    from bundle_format.signature import KeyFileError, load_private_key, sign_bundle
+
+    try:
+        key = load_private_key(Path(args.key))
+    except KeyFileError as e:
+        return fail("sign", str(e), EXIT_USAGE)
+    try:
+        load_bundle(Path(args.bundle))  # a signature vouches for the checksums: they must hold now
+        signature = sign_bundle(Path(args.bundle), key, args.signer or "")
+    except BundleError as e:
+        return fail("sign", f"refusing to sign: {e}")
+    except OSError as e:
+        return fail("sign", f"cannot write the signature: {e}")
+    print(f"signed {args.bundle} with key {signature.key_id}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bundle_format.signature import generate_key_pair
+
+    try:
+        private, public, kid = generate_key_pair(Path(args.private_key))
+    except OSError as e:
+        return fail("keygen", str(e) if isinstance(e, FileExistsError) else f"cannot write the key: {e}")
+    print(f"private key: {private} (mode 0600; keep it off the devices)\npublic key:  {public}\nkey id:      {kid}")
     return 0
 
 
@@ -336,6 +402,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--context-length", type=int, default=2048, help="tokens per request, prompt included (default: 2048)")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
     b.add_argument("--calib", help="text file for INT8/FP8 calibration (default: the project's calibration text)")
+    b.add_argument("--sign", metavar="KEY", help="sign the bundle with this PEM Ed25519 private key")
+    b.add_argument("--signer", help="a name stored with the signature (who signed)")
     b.set_defaults(func=cmd_build)
 
     k = sub.add_parser("compile", help="compile a TensorRT bundle's engine (on the target device)")
@@ -387,8 +455,20 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a bundle folder, or the model a daemon serves")
     i.add_argument("target", nargs="?", help="bundle folder, or daemon address (default: the default socket)")
-    i.add_argument("--verify", action="store_true", help="also check the bundle's checksums")
+    i.add_argument("--verify", action="store_true", help="also check the bundle's signatures and checksums")
+    i.add_argument("--trust", nargs="+", metavar="PUBLIC_KEY", help="with --verify: require a signature by one of these keys")
+    i.add_argument("--config", help="with --verify: require a signature by one of this config's trust.public_keys")
     i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("sign", help="sign a bundle's manifest with an Ed25519 private key")
+    g.add_argument("bundle")
+    g.add_argument("--key", required=True, help="PEM Ed25519 private key (edgellm keygen, or openssl genpkey -algorithm ed25519)")
+    g.add_argument("--signer", help="a name stored with the signature (who signed)")
+    g.set_defaults(func=cmd_sign)
+
+    y = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
+    y.add_argument("private_key", help="private key file to create (mode 0600); the public key goes to PRIVATE_KEY.pub")
+    y.set_defaults(func=cmd_keygen)
     return p
 
 
