@@ -51,7 +51,6 @@ class _Step:
     """One step shape's execution context and fixed buffers (host views are numpy arrays on pinned memory)."""
 
     context: Any
-    profile: int
     rows: int
     host_in: np.ndarray  # packed int64 inputs, pinned
     device_in: Any
@@ -63,6 +62,7 @@ class _Step:
     logits_indices: np.ndarray
     positions: np.ndarray  # what a decode step fills, with input_ids: each row's position, -1 if idle
     graph: CudaGraph | None = None
+    profile: int = 0  # its optimization profile (named when TensorRT refuses a shape)
 
 
 class TrtBackend:
@@ -159,9 +159,9 @@ class TrtBackend:
         n = packed_input_elements(rows, tokens)
         host_in = cuda.pagelocked_zeros(n, np.int64)
         host_logits = cuda.pagelocked_zeros((rows, 1, self.vocab_size), np.float32)
-        return _Step(context, profile, rows, host_in, self._alloc(host_in.nbytes), host_logits,
+        return _Step(context, rows, host_in, self._alloc(host_in.nbytes), host_logits,
                      self._alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens),
-                     positions=np.zeros(rows, np.int64))
+                     positions=np.zeros(rows, np.int64), profile=profile)
 
     def _set_shape(self, step: _Step, name: str, shape: tuple[int, ...]) -> None:
         check_set_input_shape(step.context.set_input_shape(name, shape), name, shape, step.profile)
@@ -263,11 +263,15 @@ class TrtBackend:
             self._cuda.Context.pop()
         return step.host_logits[0, 0]
 
-    def _decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int], graph: bool) -> np.ndarray:
+    def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> _Step:
+        """The fixed buffers of the decode batch size that covers slots, filled for this step (host side only)."""
         step = self._decode[decode_bucket(max(slots), self.slots)]
         write_decode_inputs(step.input_ids, step.positions, slots, token_ids, positions)
         self._decode_inputs(step)
-        self._ctx.push()
+        return step
+
+    def _run_pushed(self, step: _Step, graph: bool) -> np.ndarray:
+        self._ctx.push()  # popped below on this same thread: no thread keeps the context pushed
         try:
             return self._run(step, graph)[:, 0]
         finally:
@@ -275,11 +279,11 @@ class TrtBackend:
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; returns logits [rows, vocab] (a view of the pinned buffer)."""
-        return self._decode(slots, token_ids, positions, graph=True)
+        return self._run_pushed(self._decode_step(slots, token_ids, positions), graph=True)
 
     def decode_plain(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """decode() without the CUDA graph (for validation and timing)."""
-        return self._decode(slots, token_ids, positions, graph=False)
+        return self._run_pushed(self._decode_step(slots, token_ids, positions), graph=False)
 
     def layer_information(self) -> str:
         """The engine inspector's JSON for the first decode profile's context (shapes resolved)."""
