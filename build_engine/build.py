@@ -110,6 +110,10 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     # rows write nothing, but both keep one cache layout).
     max_seq = context_length + 1
     dtype, quantization = BUILD_PLANS[(target, precision)]
+    if target == "tensorrt":  # every slot's cache row must start on a 256-byte boundary (setTensorAddress)
+        from bundle_format.trt_plan import aligned_max_seq
+
+        max_seq = aligned_max_seq(max_seq, spec.num_kv_heads, spec.head_dim, 4 if dtype == "float32" else 2)
     extra_manifest: dict[str, Any] = {}
     if target == "tensorrt":
         from build_engine.trt_build import prepare_tensorrt_graph

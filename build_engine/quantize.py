@@ -121,14 +121,27 @@ def smooth_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], chann
     return smoothed
 
 
-def quantize_weight(w: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """[in, out] float weights -> (quantized [in, out], per-output-channel float32 scales [out])."""
+def engine_scales(scale: np.ndarray | float, scale_dtype: type) -> np.ndarray:
+    """Scales as the engine will hold them: in scale_dtype, clamped to its smallest positive normal value (and
+    its largest), returned as float32. TensorRT's quantize layer needs strictly positive scales, and an fp16
+    scale of a tiny range (after SmoothQuant) would otherwise round to a subnormal or to zero."""
+    info = ml_dtypes.finfo(scale_dtype)
+    clamped = np.clip(np.asarray(scale, np.float64), float(info.smallest_normal), float(info.max))
+    return clamped.astype(scale_dtype).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, precision: str, scale_dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float weights -> (quantized [in, out], per-output-channel scales [out] as float32).
+
+    The scales are those the engine holds (engine_scales in scale_dtype), and the weights are quantized
+    with exactly those, so dequantizing in the engine gives back what was measured."""
     w = np.asarray(w, np.float32)
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / _QMAX[precision], 1.0).astype(np.float32)
-    scaled = w / scale
+    scale = engine_scales(np.where(amax > 0, amax / _QMAX[precision], 1.0), scale_dtype)
+    qmax = _QMAX[precision]
+    scaled = np.clip(w / scale, -qmax, qmax)  # a scale rounded down may push a value just past the range
     if precision == "int8":
-        return np.clip(np.rint(scaled), -127, 127).astype(np.int8), scale
+        return np.rint(scaled).astype(np.int8), scale
     return scaled.astype(ml_dtypes.float8_e4m3fn), scale  # |scaled| <= 448: round to nearest, no overflow
 
 
@@ -138,10 +151,13 @@ def _tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProto:
     return t
 
 
-def quantize_graph(model: onnx.ModelProto, precision: str, activation_amax: dict[str, np.ndarray]) -> onnx.ModelProto:
+def quantize_graph(model: onnx.ModelProto, precision: str, activation_amax: dict[str, np.ndarray],
+                   scale_dtype: type | None = None) -> onnx.ModelProto:
     """Insert Q/DQ on every linear layer's weights and inputs, in place; returns model.
 
-    Works on a graph of any float type (scales take the graph's type, as DequantizeLinear's output must)."""
+    Works on a graph of any float type (scales take the graph's type, as DequantizeLinear's output must).
+    scale_dtype (default: the graph's type) is the type the engine's scales will have: the float32 graph
+    the build measures gets the fp16 engine's scales, rounded and clamped the same way."""
     if precision not in QUANT_PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {QUANT_PRECISIONS}")
     g = model.graph
@@ -153,6 +169,7 @@ def quantize_graph(model: onnx.ModelProto, precision: str, activation_amax: dict
     inits = {t.name: t for t in g.initializer}
     float_type = inits[nodes[0].input[1]].data_type
     fnp = _FLOAT_TYPES[float_type]
+    sdt = scale_dtype or fnp
     zero = f"q.{precision}.zero"
     g.initializer.append(_tensor(zero, np.zeros((), qnp), qtype))
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # node name -> Q/DQ nodes to put before it
@@ -161,7 +178,7 @@ def quantize_graph(model: onnx.ModelProto, precision: str, activation_amax: dict
         # Weight: quantized initializer -> DequantizeLinear (per output channel: axis 1 of [in, out]).
         w = inits[node.input[1]]
         array = np.frombuffer(w.raw_data, fnp).reshape(tuple(w.dims))
-        wq, scale = quantize_weight(array, precision)
+        wq, scale = quantize_weight(array, precision, sdt)
         qname, sname, dqname = w.name + ".q", w.name + ".scale", w.name + ".dq"
         w.CopyFrom(_tensor(qname, wq, qtype))
         g.initializer.append(_tensor(sname, scale.astype(fnp), float_type))
@@ -172,7 +189,8 @@ def quantize_graph(model: onnx.ModelProto, precision: str, activation_amax: dict
         if x not in act_dq:
             amax = float(activation_amax[x])
             sx = f"{x}.act_scale"
-            g.initializer.append(_tensor(sx, np.array(amax / _QMAX[precision] if amax > 0 else 1.0, fnp), float_type))
+            scale_x = engine_scales(amax / _QMAX[precision] if amax > 0 else 1.0, sdt)
+            g.initializer.append(_tensor(sx, scale_x.astype(fnp), float_type))
             act_dq[x] = f"{x}.dq"
             before += [helper.make_node("QuantizeLinear", [x, sx, zero], [f"{x}.q"], name=f"{x}.q"),
                        helper.make_node("DequantizeLinear", [f"{x}.q", sx, zero], [act_dq[x]], name=act_dq[x])]
@@ -215,9 +233,11 @@ SMOOTHING_ALPHA = {"int8": 0.75}  # per precision; FP8's range keeps outliers wi
 
 
 def quantize_for_target(spec, weights: dict[str, np.ndarray], precision: str, max_seq: int,
-                        calibration_ids: list[int], heldout_ids: list[int]):
+                        calibration_ids: list[int], heldout_ids: list[int], scale_dtype: type = np.float16):
     """Calibrate, smooth (INT8) and measure on the CPU: (weights to build the target graph from, activation
-    ranges for quantize_graph, AccuracyReport of the quantized float32 graph against the float32 graph)."""
+    ranges for quantize_graph, AccuracyReport of the quantized float32 graph against the float32 graph).
+
+    The measured graph carries the scales the engine will get (scale_dtype: the target graph's type)."""
     from build_engine.accuracy import measure_accuracy
     from build_engine.trt_graph import build_graph
 
@@ -231,7 +251,7 @@ def quantize_for_target(spec, weights: dict[str, np.ndarray], precision: str, ma
             smooth_weights(graph, weights, channel_amax, SMOOTHING_ALPHA[precision])
             graph = build_graph(spec, weights, max_seq=max_seq)
         amax = calibrate(graph, calibration_ids, max_seq)
-        save_graph(quantize_graph(graph, precision, amax), cand_path)
+        save_graph(quantize_graph(graph, precision, amax, scale_dtype), cand_path)
         del graph
         report = measure_accuracy(ref_path, cand_path, heldout_ids[:max_seq - 1])
     return weights, amax, report

@@ -50,7 +50,11 @@ def prepare_tensorrt_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_
         calib = token_ids(tok_json, calibration_text if calibration_text is not None else default_text("calibration"))
         if len(calib) < 16:
             raise ValueError(f"the calibration text has {len(calib)} tokens; give at least 16 (better: thousands)")
-        weights, amax, report = quantize_for_target(spec, weights, quantization, max_seq, calib, heldout)
+        from build_engine.graph_builder import DTYPES
+
+        # Measure with the scales the engine gets: rounded to (and clamped in) the target graph's type.
+        weights, amax, report = quantize_for_target(spec, weights, quantization, max_seq, calib, heldout,
+                                                    scale_dtype=DTYPES[dtype][1])
         graph = quantize_graph(build_graph(spec, weights, max_seq=max_seq, dtype=dtype, live_kv_prefix=False),
                                quantization, amax)
         manifest["quantization"] = {

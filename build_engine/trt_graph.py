@@ -94,8 +94,10 @@ def build_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq: int
             k = rms_norm(k, p + "self_attn.k_norm.weight", o + "k_norm")
         q = g.op("RotaryEmbedding", [q, cos_cache, sin_cache, "position_ids"], o + "q_rope", interleaved=0)
         k = g.op("RotaryEmbedding", [k, cos_cache, sin_cache, "position_ids"], o + "k_rope", interleaved=0)
-        k_all = g.op("TensorScatter", [f"past_key.{i}", k, "write_indices"], f"present_key.{i}", axis=2)
-        v_all = g.op("TensorScatter", [f"past_value.{i}", v, "write_indices"], f"present_value.{i}", axis=2)
+        # axis -2 (the sequence axis of [batch, kv_heads, max_seq, head_dim]): onnx-tensorrt maps TensorScatter to
+        # its in-place KV-cache update layer only for 4-D caches with axis = -2.
+        k_all = g.op("TensorScatter", [f"past_key.{i}", k, "write_indices"], f"present_key.{i}", axis=-2)
+        v_all = g.op("TensorScatter", [f"past_value.{i}", v, "write_indices"], f"present_value.{i}", axis=-2)
         if live_kv_prefix:
             k_all = g.op("Slice", [k_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "k_live")
             v_all = g.op("Slice", [v_all, g.ints("kv.start", [0]), kv_end, g.ints("axes.2", [2])], o + "v_live")

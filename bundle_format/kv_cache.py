@@ -15,6 +15,13 @@ class KvCacheLayout:
     head_dim: int
     dtype: str  # numpy dtype name: float32, float16, bfloat16
 
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def tensor_row_bytes(self) -> int:
+        """One layer's K (or V) cache of one row (slot): the stride between rows of a cache tensor."""
+        return self.num_kv_heads * self.max_seq * self.head_dim * self.itemsize
+
     def bytes_per_row(self) -> int:
-        itemsize = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_layers * self.num_kv_heads * self.max_seq * self.head_dim * itemsize
+        return 2 * self.num_layers * self.tensor_row_bytes()

@@ -7,6 +7,9 @@ compatibility and precision support per GPU: plain functions shared by the compi
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +24,26 @@ DEFAULT_MAX_PREFILL_TOKENS = 1024
 # Step inputs, packed into one int64 buffer per step shape so one copy moves them all.
 STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "logits_indices")
 MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "bf16": (8, 0), "int8": (7, 5), "fp16": (7, 5)}
+# IExecutionContext::setTensorAddress requires every bound address to be 256-byte aligned (NvInferRuntime.h).
+ADDRESS_ALIGNMENT = 256
+_INT64_ALIGN = ADDRESS_ALIGNMENT // 8  # packed int64 elements per alignment unit
 
 
 class EngineMismatch(Exception):
-    """The engine was built for another TensorRT version or GPU (engines are not portable)."""
+    """The engine cannot serve here: built for another TensorRT version or GPU (engines are not portable), or
+    breaking a rule the backend relies on (the subclasses); the message says what to change or rebuild."""
 
 
 class PrecisionUnsupported(ValueError):
     """The GPU cannot run this precision."""
+
+
+class EngineRefused(EngineMismatch):
+    """The engine breaks a rule the backend relies on (a KV output not aliased, a misaligned cache row)."""
+
+
+def align_up(n: int, alignment: int = ADDRESS_ALIGNMENT) -> int:
+    return -(-n // alignment) * alignment
 
 
 def format_cc(cc: tuple[int, int]) -> str:
@@ -101,22 +116,22 @@ def profiles_to_manifest(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) 
 
 
 def packed_inputs(rows: int, tokens: int) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """Where each step input lives in the packed int64 buffer: name -> (element offset, shape)."""
+    """Where each step input lives in the packed int64 buffer: name -> (element offset, shape).
+
+    Each segment starts on a 256-byte boundary (setTensorAddress refuses anything less); the buffer
+    itself comes from cuMemAlloc, which aligns to at least 256 bytes."""
     shapes = {"input_ids": (rows, tokens), "position_ids": (rows, tokens), "write_indices": (rows,),
               "logits_indices": (rows, 1)}
     out, offset = {}, 0
     for name in STEP_INPUTS:
         out[name] = (offset, shapes[name])
-        n = 1
-        for d in shapes[name]:
-            n *= d
-        offset += n
+        offset = align_up(offset + math.prod(shapes[name]), _INT64_ALIGN)
     return out
 
 
 def packed_input_elements(rows: int, tokens: int) -> int:
     offset, shape = packed_inputs(rows, tokens)[STEP_INPUTS[-1]]
-    return offset + rows
+    return offset + math.prod(shape)
 
 
 def packed_views(buffer: np.ndarray, rows: int, tokens: int) -> dict[str, np.ndarray]:
@@ -169,19 +184,20 @@ def check_memory(budget: MemoryBudget, free_bytes: int, headroom: float = 0.9) -
                           f"lower engine.slots or rebuild with a shorter --context-length")
 
 
-def tensorrt_version_key(version: str) -> tuple[int, ...]:
-    """major.minor.patch of a TensorRT version string (the build number does not change the engine format)."""
+def tensorrt_version_key(version: str) -> tuple[int, int, int, int]:
+    """(major, minor, patch, build) of a TensorRT version string; missing parts count as 0."""
     parts = []
-    for p in version.split(".")[:3]:
+    for p in version.split(".")[:4]:
         digits = "".join(c for c in p if c.isdigit())
         parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
 
 
 def check_engine_compatible(engine: dict[str, Any], tensorrt_version: str, gpu_name: str,
                             compute_capability: tuple[int, int], slots: int) -> None:
     """Refuse an engine built by another TensorRT, for another GPU, or for fewer slots than configured."""
     built = engine.get("tensorrt_version", "?")
+    # The standard (non-lean) runtime loads only engines of its own major.minor.patch.build.
     if tensorrt_version_key(built) != tensorrt_version_key(tensorrt_version):
         raise EngineMismatch(f"the engine was built with TensorRT {built}, this machine runs TensorRT {tensorrt_version}; "
                              f"engines are not portable: compile the bundle again here (edgellm compile BUNDLE --force)")
@@ -209,3 +225,138 @@ def fill_decode_inputs(positions: np.ndarray, position_ids: np.ndarray, write_in
     np.maximum(positions, 0, out=position_ids[:, 0])
     np.copyto(write_indices, positions)
     np.putmask(write_indices, positions < 0, scratch_position)
+
+
+# ---- addresses the backend binds ------------------------------------------------------------------------
+def aligned_max_seq(max_seq: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """The smallest max_seq >= max_seq whose cache row (num_kv_heads * max_seq * head_dim * itemsize bytes)
+    is a multiple of 256 bytes, so that every slot's row of a cache tensor is a bindable address."""
+    per_position = num_kv_heads * head_dim * itemsize
+    return align_up(max_seq, ADDRESS_ALIGNMENT // math.gcd(ADDRESS_ALIGNMENT, per_position))
+
+
+def check_kv_rows_aligned(layout: KvCacheLayout) -> None:
+    """Refuse a cache whose rows would bind misaligned addresses (a bundle built before rows were aligned)."""
+    row = layout.tensor_row_bytes()
+    if row % ADDRESS_ALIGNMENT:
+        want = aligned_max_seq(layout.max_seq, layout.num_kv_heads, layout.head_dim, layout.itemsize)
+        raise EngineRefused(f"a KV-cache row is {row} bytes ({layout.num_kv_heads} kv heads x max_seq "
+                            f"{layout.max_seq} x head_dim {layout.head_dim} x {layout.itemsize} bytes), not a multiple "
+                            f"of {ADDRESS_ALIGNMENT}: odd slots would bind misaligned addresses; rebuild the bundle "
+                            f"with this edgellm (it rounds max_seq up to {want})")
+
+
+class BindingError(EngineMismatch):
+    """TensorRT refused a tensor shape or address; the message names the tensor."""
+
+
+def check_aligned(name: str, address: int) -> None:
+    if address % ADDRESS_ALIGNMENT:
+        raise BindingError(f"address 0x{address:x} of tensor {name!r} is not {ADDRESS_ALIGNMENT}-byte aligned")
+
+
+def check_set_input_shape(ok: bool, name: str, shape: Shape, profile: int) -> None:
+    """IExecutionContext.set_input_shape's result: False for an unknown name or a shape outside the profile."""
+    if not ok:
+        raise BindingError(f"TensorRT refused shape {tuple(shape)} for input {name!r} (optimization profile {profile}): "
+                           f"not an input of this engine, or outside the profile's min..max; compile the bundle again")
+
+
+def check_set_tensor_address(ok: bool, name: str, address: int) -> None:
+    """IExecutionContext.set_tensor_address's result: False for an unknown name or a misaligned address."""
+    if not ok:
+        raise BindingError(f"TensorRT refused address 0x{address:x} for tensor {name!r}: not a tensor of this engine "
+                           f"(or a misaligned address)")
+
+
+def kv_cache_pairs(num_layers: int) -> dict[str, str]:
+    """present_* output -> the past_* input it must be updated in place through."""
+    return {f"present_{kind}.{i}": f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")}
+
+
+def check_kv_aliases(aliased: dict[str, str | None], num_layers: int) -> dict[str, str]:
+    """Require each present_* output to be aliased to its past_* input; returns present -> past.
+
+    aliased: output name -> what ICudaEngine.get_aliased_input_tensor(output) answered (None or "" when not
+    aliased; a name missing from the dict: the engine has no such output). Only TensorRT's KV-cache update
+    layer may share its input's address; binding one buffer to both tensors otherwise is undefined."""
+    pairs = kv_cache_pairs(num_layers)
+    for present, past in pairs.items():
+        if present not in aliased:
+            raise EngineRefused(f"the engine has no output {present}: not an edgellm TensorRT graph")
+        got = aliased[present]
+        if not got:
+            raise EngineRefused(f"the engine does not alias output {present} to input {past} (get_aliased_input_tensor "
+                                f"returned {got!r}): TensorRT did not map TensorScatter to its in-place KV-cache update "
+                                f"layer; compile with TensorRT >= 10.15 from a bundle built by this edgellm")
+        if got != past:
+            raise EngineRefused(f"the engine aliases output {present} to {got}, expected {past}")
+    return pairs
+
+
+# ---- what the engine inspector says about layer precisions ------------------------------------------------
+# IEngineInspector.get_engine_information(LayerInformationFormat.JSON) with ProfilingVerbosity.DETAILED:
+# {"Layers": [{"Name", "LayerType", "Inputs": [{"Name", "Dimensions", "Format/Datatype"}], "Outputs": [...],
+#  "Metadata": "[ONNX Layer: ...]", ...}], "Bindings": [...]}. A layer fused from several ONNX nodes names them
+# all (in its Name joined by " + ", or in Metadata).
+_QUANTIZED_FORMATS = ("int8", "fp8", "e4m3")
+
+
+def inspector_layers(info_json: str) -> list[dict[str, Any]]:
+    """The layer records of an engine inspector's JSON (a layer without detail is {"Name": ...})."""
+    data = json.loads(info_json)
+    layers = data.get("Layers", []) if isinstance(data, dict) else []
+    return [layer if isinstance(layer, dict) else {"Name": str(layer)} for layer in layers]
+
+
+def layer_precisions(layer: dict[str, Any]) -> list[str]:
+    """The distinct Format/Datatype strings of a layer's inputs (what its kernel reads)."""
+    return list(dict.fromkeys(str(t.get("Format/Datatype", "?")) for t in layer.get("Inputs", []) if isinstance(t, dict)))
+
+
+def precision_summary(layers: list[dict[str, Any]]) -> dict[str, int]:
+    """How many layers read each input datatype (Int8, FP8, Half, Float, ...): the compile/validate dump."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        kinds = {_datatype(f) for f in layer_precisions(layer)} or {"no detail"}
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _datatype(fmt: str) -> str:
+    low = fmt.lower()
+    for key, name in (("int8", "Int8"), ("fp8", "FP8"), ("e4m3", "FP8"), ("bf16", "BF16"), ("half", "FP16"),
+                      ("fp16", "FP16"), ("int64", "Int64"), ("int32", "Int32"), ("bool", "Bool"), ("float", "FP32"),
+                      ("fp32", "FP32"), ("n/a", "N/A")):
+        if key in low:
+            return name
+    return fmt or "?"
+
+
+def _mentions(layer: dict[str, Any], node: str) -> bool:
+    text = f"{layer.get('Name', '')}\n{layer.get('Metadata', '')}"
+    return re.search(rf"(?<![\w.]){re.escape(node)}(?![\w.])", text) is not None
+
+
+def unfused_quantized_gemms(layers: list[dict[str, Any]], gemm_nodes: list[str]) -> list[str]:
+    """Warnings for quantized GEMMs (ONNX MatMul nodes behind Q/DQ) that run in a float type: no layer that
+    names the node reads an Int8/FP8 input, so TensorRT dequantized the weights and fell back to fp16."""
+    if not gemm_nodes:
+        return []
+    if not any(layer.get("Inputs") for layer in layers):
+        return ["the engine holds no per-layer detail (built without ProfilingVerbosity.DETAILED): "
+                "compile again (edgellm compile --force) to check that quantized GEMMs fused"]
+    warnings = []
+    for node in gemm_nodes:
+        found = [layer for layer in layers if _mentions(layer, node)]
+        if not found:
+            continue  # fused beyond recognition into a larger kernel: nothing to say
+        formats = [f.lower() for layer in found for f in layer_precisions(layer)]
+        if any(q in f for f in formats for q in _QUANTIZED_FORMATS):
+            continue
+        if formats and all(f.startswith("n/a") for f in formats):
+            continue  # shapes unresolved (no execution context given to the inspector)
+        warnings.append(f"quantized GEMM {node} did not fuse: its layer {found[0].get('Name', '?')!r} "
+                        f"({found[0].get('LayerType', '?')}) reads {', '.join(dict.fromkeys(formats)) or 'no typed input'}")
+    return warnings

@@ -5,15 +5,22 @@ At start: the engine's record in the manifest is checked against the running Ten
 is allocated once (pycuda): per layer one K and one V cache [slots, kv_heads, max_seq, head_dim], one
 activation scratch shared by all execution contexts (they run one after another on one stream), and
 per step shape a packed int64 input buffer and a logits buffer, each with a pinned host twin.
-Each present_* output is bound to its past_* input's address (TensorRT's KV-cache update layer aliases
-them), so the cache is updated in place; a row range of the cache is a pointer offset.
+Each present_* output is bound to its past_* input's address, so the cache is updated in place; an engine
+whose present_* outputs TensorRT does not alias to their inputs (get_aliased_input_tensor: only its KV-cache
+update layer may share an address) is refused. A row range of the cache is a pointer offset; every bound
+address is 256-byte aligned (the bundle's max_seq is rounded so each cache row is, and the packed inputs'
+segments are), and every set_input_shape / set_tensor_address result is checked.
+
+The CUDA context (the device's primary context, which TensorRT's CUDA runtime uses too) is pushed at
+the start of every public call and popped at its end, on whatever thread makes it: pycuda aborts the
+process when a thread's context stack is not empty at exit.
 
 Prefill runs without a graph (its shape changes with every prompt) in its own context (profile 0).
 Each decode batch size gets its own context and static profile with fixed shapes and addresses: one warm-up
 execute_async_v3, then the same call captured into a CUDA graph (daemon/cuda_graph.py). A step then
 copies the packed token ids/positions in, launches the graph and copies the logits back: one copy, one
-launch, one copy. If a capture fails, that batch size falls back to plain execute_async_v3, logged and
-reported by GetModel (ModelInfo.cuda_graphs).
+launch, one copy. If a capture fails in any way, that batch size falls back to plain execute_async_v3,
+logged and reported by GetModel (ModelInfo.cuda_graphs).
 
 Written against the TensorRT >= 10.15 / 11.x and pycuda APIs; not run on this project's build machines
 (no TensorRT, no GPU): tests/gpu/test_tensorrt.py and `edgellm validate` exercise it on hardware.
@@ -22,7 +29,6 @@ Written against the TensorRT >= 10.15 / 11.x and pycuda APIs; not run on this pr
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,10 +36,12 @@ import numpy as np
 
 from bundle_format.bundle import Bundle, BundleError
 from bundle_format.decode_buckets import decode_bucket, decode_buckets
-from bundle_format.trt_plan import (PREFILL, check_engine_compatible, check_memory, decode_profile, fill_decode_inputs,
+from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compatible, check_kv_aliases,
+                                    check_kv_rows_aligned, check_memory, check_set_input_shape,
+                                    check_set_tensor_address, decode_profile, fill_decode_inputs, kv_cache_pairs,
                                     memory_budget, packed_input_elements, packed_inputs, packed_views)
 from daemon.backend import write_decode_inputs
-from daemon.cuda_graph import CudaGraph, CudaGraphError
+from daemon.cuda_graph import CudaGraph, capture_or_fallback
 
 log = logging.getLogger("edgellm.backend")
 
@@ -54,6 +62,7 @@ class _Step:
     logits_indices: np.ndarray
     positions: np.ndarray  # what a decode step fills, with input_ids: each row's position, -1 if idle
     graph: CudaGraph | None = None
+    profile: int = 0  # its optimization profile (named when TensorRT refuses a shape)
 
 
 class TrtBackend:
@@ -69,14 +78,27 @@ class TrtBackend:
         if not record:
             raise BundleError(f"{bundle.path} holds no TensorRT engine yet: compile it on this device first "
                               f"(edgellm compile {bundle.path})")
+        self.layout = layout = bundle.kv_cache
+        check_kv_rows_aligned(layout)  # EngineRefused (an EngineMismatch): a bundle built before rows were aligned
         cuda.init()
         dev = cuda.Device(device)
         check_engine_compatible(record, trt.__version__, dev.name(), tuple(dev.compute_capability()), slots)
         self._ctx = dev.retain_primary_context()  # the context TensorRT's CUDA runtime uses too
+        self._decode: dict[int, _Step] = {}
+        self._prefill: _Step | None = None
+        self._buffers: list[Any] = []  # every device allocation, freed by close()
+        self.graph_status: dict[int, str] = {}
         self._ctx.push()
-        self._ctx_threads = {threading.get_ident()}
+        try:
+            self._load(bundle, record, slots, cuda_graphs, dev.name())
+        except BaseException:
+            self._free()
+            raise
+        finally:
+            cuda.Context.pop()  # this thread's stack is empty again, whatever happened
 
-        self.layout = layout = bundle.kv_cache
+    def _load(self, bundle: Bundle, record: dict, slots: int, cuda_graphs: bool, gpu_name: str) -> None:
+        cuda, trt, layout = self._cuda, self._trt, self.layout
         self.slots = slots
         self.vocab_size = vocab = int(bundle.model["vocab_size"])
         self.max_prefill_tokens = int(record["max_prefill_tokens"])
@@ -86,29 +108,31 @@ class TrtBackend:
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise BundleError(f"TensorRT could not load {record['file']} (see its messages above); compile again here")
+        outputs = set(self._engine_tensors())
+        aliased = {out: self.engine.get_aliased_input_tensor(out) for out in kv_cache_pairs(layout.num_layers)
+                   if out in outputs}
+        self._aliases = check_kv_aliases(aliased, layout.num_layers)  # EngineRefused names the tensor
         scratch = max(self.engine.get_device_memory_size_for_profile_v2(p)
                       for p in range(self.engine.num_optimization_profiles))
         budget = memory_budget(layout, slots, vocab, self.max_prefill_tokens, len(engine_bytes), scratch)
         free, _total = cuda.mem_get_info()
         check_memory(budget, free + len(engine_bytes))  # the engine's weights are already resident
-        log.info("TensorRT %s on %s: device memory %s", trt.__version__, dev.name(), budget.summary())
+        log.info("TensorRT %s on %s: device memory %s", trt.__version__, gpu_name, budget.summary())
 
         self.stream = cuda.Stream()
-        self._scratch = cuda.mem_alloc(max(scratch, 1))
+        self._scratch = self._alloc(max(scratch, 1))
         self._scratch_bytes = scratch
-        self._row_bytes = layout.bytes_per_row() // (2 * layout.num_layers)  # one layer's K (or V) of one row
+        self._row_bytes = layout.tensor_row_bytes()  # one layer's K (or V) of one row: 256-byte multiple
         self._cache = {}
         for i in range(layout.num_layers):
             for kind in ("key", "value"):
-                buf = cuda.mem_alloc(self._row_bytes * slots)
+                buf = self._alloc(self._row_bytes * slots)
                 cuda.memset_d8(buf, 0, self._row_bytes * slots)
                 self._cache[i, kind] = buf
-        self._aliases = self._kv_aliases()
         self._prefill = self._make_step(PREFILL, rows=1, tokens=self.max_prefill_tokens)
-        self._decode: dict[int, _Step] = {}
-        self.graph_status: dict[int, str] = {}
         for rows in decode_buckets(slots):
             step = self._make_step(decode_profile(rows, int(record["slots"])), rows=rows, tokens=1)
+            self._decode[rows] = step
             self._bind(step, first_row=0, rows=rows, tokens=1)
             step.logits_indices.fill(0)
             self._warm_up(step)
@@ -116,47 +140,49 @@ class TrtBackend:
                 self._capture(step)
             else:
                 self.graph_status[rows] = "disabled"
-            self._decode[rows] = step
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def _kv_aliases(self) -> dict[str, str]:
-        """present_* output -> the past_* input TensorRT aliases it to (checked, so a wrong graph fails loudly)."""
-        out = {}
-        for i in range(self.layout.num_layers):
-            for kind in ("key", "value"):
-                present, past = f"present_{kind}.{i}", f"past_{kind}.{i}"
-                aliased = self.engine.get_aliased_input_tensor(present)
-                if aliased not in (None, "", past):
-                    raise BundleError(f"the engine aliases {present} to {aliased}, expected {past}")
-                out[present] = past
-        return out
+    def _engine_tensors(self) -> list[str]:
+        return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def _alloc(self, nbytes: int) -> Any:
+        buf = self._cuda.mem_alloc(nbytes)  # cuMemAlloc: aligned to at least 256 bytes
+        self._buffers.append(buf)
+        return buf
 
     def _make_step(self, profile: int, rows: int, tokens: int) -> _Step:
         cuda, trt = self._cuda, self._trt
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(int(self._scratch), self._scratch_bytes)
-        context.set_optimization_profile_async(profile, self.stream.handle)
+        if not context.set_optimization_profile_async(profile, self.stream.handle):
+            raise RuntimeError(f"TensorRT refused optimization profile {profile} for an execution context")
         n = packed_input_elements(rows, tokens)
         host_in = cuda.pagelocked_zeros(n, np.int64)
         host_logits = cuda.pagelocked_zeros((rows, 1, self.vocab_size), np.float32)
-        return _Step(context, rows, host_in, cuda.mem_alloc(host_in.nbytes), host_logits,
-                     cuda.mem_alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens),
-                     positions=np.zeros(rows, np.int64))
+        return _Step(context, rows, host_in, self._alloc(host_in.nbytes), host_logits,
+                     self._alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens),
+                     positions=np.zeros(rows, np.int64), profile=profile)
+
+    def _set_shape(self, step: _Step, name: str, shape: tuple[int, ...]) -> None:
+        check_set_input_shape(step.context.set_input_shape(name, shape), name, shape, step.profile)
+
+    def _set_address(self, step: _Step, name: str, address: int) -> None:
+        check_aligned(name, address)
+        check_set_tensor_address(step.context.set_tensor_address(name, address), name, address)
 
     def _bind(self, step: _Step, first_row: int, rows: int, tokens: int) -> None:
         """Shapes and addresses of one step; inputs packed in device_in, KV cache rows [first_row, first_row+rows)."""
-        ctx = step.context
         base = int(step.device_in)
         for name, (offset, shape) in packed_inputs(rows, tokens).items():
-            ctx.set_input_shape(name, shape)
-            ctx.set_tensor_address(name, base + 8 * offset)
+            self._set_shape(step, name, shape)
+            self._set_address(step, name, base + 8 * offset)
         cache_shape = (rows, self.layout.num_kv_heads, self.layout.max_seq, self.layout.head_dim)
         for (i, kind), buf in self._cache.items():
             ptr = int(buf) + first_row * self._row_bytes
-            ctx.set_input_shape(f"past_{kind}.{i}", cache_shape)
-            ctx.set_tensor_address(f"past_{kind}.{i}", ptr)
-            ctx.set_tensor_address(f"present_{kind}.{i}", ptr)  # aliased: updated in place
-        ctx.set_tensor_address("logits", int(step.device_logits))
+            self._set_shape(step, f"past_{kind}.{i}", cache_shape)
+            self._set_address(step, f"past_{kind}.{i}", ptr)
+            self._set_address(step, f"present_{kind}.{i}", ptr)  # aliased (checked at load): updated in place
+        self._set_address(step, "logits", int(step.device_logits))
 
     def _warm_up(self, step: _Step) -> None:
         step.input_ids.fill(0)
@@ -168,17 +194,25 @@ class TrtBackend:
         fill_decode_inputs(step.positions, step.position_ids, step.write_indices, self.layout.max_seq - 1)
 
     def _capture(self, step: _Step) -> None:
-        try:
-            step.graph = CudaGraph.capture(self.stream.handle, lambda: bool(step.context.execute_async_v3(self.stream.handle)))
-            self._run(step)  # replay once: a graph that cannot launch is found now, not on the first request
-            self.graph_status[step.rows] = "captured"
-        except CudaGraphError as e:
-            if step.graph is not None:
-                step.graph.close()
+        def capture() -> CudaGraph:
+            return CudaGraph.capture(self.stream.handle, lambda: bool(step.context.execute_async_v3(self.stream.handle)))
+
+        def check(graph: CudaGraph) -> None:
+            step.graph = graph
+            try:
+                self._run(step)  # replay once: a graph that cannot launch is found now, not on the first request
+            except BaseException:
                 step.graph = None
-            self.stream.synchronize()
-            self.graph_status[step.rows] = f"plain enqueue ({e})"
-            log.warning("decode batch %d: CUDA graph capture failed, using plain enqueue: %s", step.rows, e)
+                raise
+
+        step.graph, status = capture_or_fallback(capture, check)
+        self.graph_status[step.rows] = status
+        if step.graph is None:
+            try:
+                self.stream.synchronize()
+            except Exception:  # noqa: BLE001 - the warning below says what failed; plain enqueue reports its own errors
+                pass
+            log.warning("decode batch %d: CUDA graph capture failed, using plain enqueue: %s", step.rows, status)
 
     @property
     def cuda_graphs(self) -> str:
@@ -195,13 +229,6 @@ class TrtBackend:
         return self.layout.bytes_per_row() * self.slots
 
     # ---- steps ----------------------------------------------------------------------------------------
-    def _ensure_context(self) -> None:
-        # The engine thread is not the thread that loaded the backend: make the CUDA context current once.
-        tid = threading.get_ident()
-        if tid not in self._ctx_threads:
-            self._ctx.push()
-            self._ctx_threads.add(tid)
-
     def _run(self, step: _Step, graph: bool = True) -> np.ndarray:
         cuda, stream = self._cuda, self.stream
         cuda.memcpy_htod_async(step.device_in, step.host_in, stream)
@@ -217,43 +244,87 @@ class TrtBackend:
         """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view).
 
         Prompts longer than the engine's prefill profile run as consecutive chunks."""
-        self._ensure_context()
         ids = np.asarray(token_ids, np.int64)
         step = self._prefill
-        for begin in range(0, len(ids), self.max_prefill_tokens):
-            chunk = ids[begin:begin + self.max_prefill_tokens]
-            n = len(chunk)
-            self._bind(step, first_row=slot, rows=1, tokens=n)
-            views = packed_views(step.host_in, 1, n)
-            pos = start + begin
-            views["input_ids"][0] = chunk
-            views["position_ids"][0] = np.arange(pos, pos + n)
-            views["write_indices"][0] = pos
-            views["logits_indices"][0, 0] = n - 1
-            self._run(step, graph=False)
+        self._ctx.push()  # popped below on this same thread: no thread keeps the context pushed
+        try:
+            for begin in range(0, len(ids), self.max_prefill_tokens):
+                chunk = ids[begin:begin + self.max_prefill_tokens]
+                n = len(chunk)
+                self._bind(step, first_row=slot, rows=1, tokens=n)
+                views = packed_views(step.host_in, 1, n)
+                pos = start + begin
+                views["input_ids"][0] = chunk
+                views["position_ids"][0] = np.arange(pos, pos + n)
+                views["write_indices"][0] = pos
+                views["logits_indices"][0, 0] = n - 1
+                self._run(step, graph=False)
+        finally:
+            self._cuda.Context.pop()
         return step.host_logits[0, 0]
 
     def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> _Step:
-        """The fixed buffers of the decode batch size that covers slots, filled for this step."""
-        self._ensure_context()
+        """The fixed buffers of the decode batch size that covers slots, filled for this step (host side only)."""
         step = self._decode[decode_bucket(max(slots), self.slots)]
         write_decode_inputs(step.input_ids, step.positions, slots, token_ids, positions)
         self._decode_inputs(step)
         return step
 
+    def _run_pushed(self, step: _Step, graph: bool) -> np.ndarray:
+        self._ctx.push()  # popped below on this same thread: no thread keeps the context pushed
+        try:
+            return self._run(step, graph)[:, 0]
+        finally:
+            self._cuda.Context.pop()
+
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; returns logits [rows, vocab] (a view of the pinned buffer)."""
-        return self._run(self._decode_step(slots, token_ids, positions))[:, 0]
+        return self._run_pushed(self._decode_step(slots, token_ids, positions), graph=True)
 
     def decode_plain(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """decode() without the CUDA graph (for validation and timing)."""
-        return self._run(self._decode_step(slots, token_ids, positions), graph=False)[:, 0]
+        return self._run_pushed(self._decode_step(slots, token_ids, positions), graph=False)
+
+    def layer_information(self) -> str:
+        """The engine inspector's JSON for the first decode profile's context (shapes resolved)."""
+        step = self._decode[min(self._decode)]
+        self._ctx.push()
+        try:
+            inspector = self.engine.create_engine_inspector()
+            inspector.execution_context = step.context
+            return inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
+        finally:
+            self._cuda.Context.pop()
 
     def close(self) -> None:
+        """Destroy the graphs and free every device buffer, with the context current (any thread may call this)."""
+        if self._ctx is None:
+            return
+        self._ctx.push()
+        try:
+            self._free()
+        finally:
+            self._cuda.Context.pop()
+            self._ctx = None
+
+    def _free(self) -> None:
         for step in self._decode.values():
             if step.graph is not None:
                 step.graph.close()
                 step.graph = None
+        steps = [*self._decode.values(), *([self._prefill] if self._prefill else [])]
+        self._decode, self._prefill = {}, None
+        for step in steps:
+            step.context = None  # execution contexts before the scratch memory they use
+            for host in (step.host_in, step.host_logits):
+                if host.base is not None and hasattr(host.base, "free"):
+                    host.base.free()  # pinned memory
+        for buf in self._buffers:
+            buf.free()
+        self._buffers.clear()
+        self.engine = None
+        if getattr(self, "stream", None) is not None:
+            self.stream = None  # cuStreamDestroy while the context is current
 
 
 def create_trt_backend(bundle: Bundle, slots: int, cuda_graphs: bool = True) -> TrtBackend:

@@ -118,12 +118,17 @@ def _compile(path: Path, **options) -> int:
         logging.getLogger("edgellm.compile").debug("compile failed", exc_info=True)
         return fail("compile", f"{type(e).__name__}: {e}")
     print(f"compiled {engine}")
+    from build_engine.trt_compiler import engine_layer_report
+
+    print(engine_layer_report(path))  # layers by precision; quantized GEMMs that did not fuse
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from build_engine.trt_compiler import tensorrt_available
+    from edgellm.validate import probe_environment
 
+    print(probe_environment().text())  # what was found and what is missing, before anything can fail
     missing = tensorrt_available()
     if missing:
         return fail("validate", f"{missing}; validate runs on the target device, which needs TensorRT and its NVIDIA GPU")

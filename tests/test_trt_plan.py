@@ -70,13 +70,13 @@ def test_profiles_in_manifest_are_plain_lists():
     assert m[0]["shapes"]["input_ids"] == [[1, 1], [1, 64], [1, 64]]
 
 
-def test_packed_inputs_do_not_overlap_and_fill_the_buffer():
-    for rows, tokens in ((1, 1), (4, 1), (1, 37)):
+def test_packed_inputs_do_not_overlap_and_each_starts_on_a_256_byte_boundary():
+    for rows, tokens in ((1, 1), (4, 1), (1, 37), (1, 64)):
         layout = packed_inputs(rows, tokens)
         spans = sorted((off, off + math.prod(shape)) for off, shape in layout.values())
         assert spans[0][0] == 0
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        assert spans[-1][1] == packed_input_elements(rows, tokens) == rows * (2 * tokens + 2)
+        assert all(b[0] - a[1] in range(32) and b[0] % 32 == 0 for a, b in zip(spans, spans[1:]))  # padding < 256 B
+        assert spans[-1][1] == packed_input_elements(rows, tokens)
 
 
 def test_packed_views_write_into_the_one_buffer():
@@ -85,8 +85,9 @@ def test_packed_views_write_into_the_one_buffer():
     assert {n: v.shape for n, v in views.items()} == {n: tuple(shape) for n, (_, shape) in packed_inputs(2, 3).items()}
     for i, v in enumerate(views.values(), start=1):
         v[...] = i
-    # Every element of the buffer belongs to exactly one view: filled with 1..4, none left at 0.
-    assert sorted(set(buf.tolist())) == list(range(1, len(views) + 1))
+    # Each view is its own part of the buffer (the rest is alignment padding, left at 0).
+    assert sorted(set(buf.tolist()) - {0}) == list(range(1, len(views) + 1))
+    assert sum(v.size for v in views.values()) == np.count_nonzero(buf)  # no two views share an element
 
 
 def test_memory_budget_and_refusal():
@@ -95,7 +96,9 @@ def test_memory_budget_and_refusal():
                       activation_bytes=5 << 20)
     assert b.kv_cache == 4 * LAYOUT.bytes_per_row() == 4 * 2 * 2 * 2 * 129 * 16 * 2
     # logits: one prefill row + decode shapes 1, 2, 4; inputs: prefill packed + each decode shape packed
-    assert b.step_buffers == step_buffer_bytes(4, vocab, 64) == 4 * vocab * (1 + 1 + 2 + 4) + 8 * (130 + 4 + 8 + 16)
+    inputs = packed_input_elements(1, 64) + sum(packed_input_elements(r, 1) for r in (1, 2, 4))
+    assert inputs == (64 + 64 + 32 + 1) + 3 * 96 + 1 + 2 + 4  # each segment padded to 32 int64s (256 bytes)
+    assert b.step_buffers == step_buffer_bytes(4, vocab, 64) == 4 * vocab * (1 + 1 + 2 + 4) + 8 * inputs
     assert b.total == b.weights + b.kv_cache + b.activations + b.step_buffers
     check_memory(b, free_bytes=b.total * 2)
     with pytest.raises(MemoryError, match="lower engine.slots"):
@@ -108,23 +111,25 @@ ENGINE = {"tensorrt_version": "10.15.1.29", "gpu": {"name": "NVIDIA H100", "comp
 
 
 def test_engine_compatibility():
-    check_engine_compatible(ENGINE, "10.15.1.30", "NVIDIA H100", (9, 0), 8)  # another build number: same format
+    check_engine_compatible(ENGINE, "10.15.1.29", "NVIDIA H100", (9, 0), 8)
+    with pytest.raises(EngineMismatch, match="10.15.1.29.*10.15.1.30"):  # the runtime needs the same build too
+        check_engine_compatible(ENGINE, "10.15.1.30", "NVIDIA H100", (9, 0), 8)
     with pytest.raises(EngineMismatch, match="TensorRT 10.15.1.29.*11.4.1.*edgellm compile"):
         check_engine_compatible(ENGINE, "11.4.1", "NVIDIA H100", (9, 0), 8)
     with pytest.raises(EngineMismatch, match="NVIDIA H100.*Orin"):
-        check_engine_compatible(ENGINE, "10.15.1", "Orin", (8, 7), 8)
+        check_engine_compatible(ENGINE, "10.15.1.29", "Orin", (8, 7), 8)
     with pytest.raises(EngineMismatch, match="H200"):
-        check_engine_compatible(ENGINE, "10.15.1", "NVIDIA H200", (9, 0), 8)
+        check_engine_compatible(ENGINE, "10.15.1.29", "NVIDIA H200", (9, 0), 8)
     with pytest.raises(EngineMismatch, match="--slots 16"):
-        check_engine_compatible(ENGINE, "10.15.1", "NVIDIA H100", (9, 0), 16)
-    assert tensorrt_version_key("11.4.1.2") == (11, 4, 1) and tensorrt_version_key("10.15") == (10, 15)
+        check_engine_compatible(ENGINE, "10.15.1.29", "NVIDIA H100", (9, 0), 16)
+    assert tensorrt_version_key("11.4.1.2") == (11, 4, 1, 2) and tensorrt_version_key("10.15") == (10, 15, 0, 0)
 
 
 def test_configured_slots_must_map_to_compiled_decode_profiles():
     for slots in (1, 2, 4, 8):
-        check_engine_compatible(ENGINE, "10.15.1", "NVIDIA H100", (9, 0), slots)
+        check_engine_compatible(ENGINE, "10.15.1.29", "NVIDIA H100", (9, 0), slots)
     with pytest.raises(EngineMismatch, match=r"engine.slots 6 .*\[1, 2, 4, 6\].*one of \[1, 2, 4, 8\]"):
-        check_engine_compatible(ENGINE, "10.15.1", "NVIDIA H100", (9, 0), 6)
+        check_engine_compatible(ENGINE, "10.15.1.29", "NVIDIA H100", (9, 0), 6)
 
 
 def test_graph_keys_separate_profiles_and_shapes():
@@ -146,7 +151,7 @@ def test_timing_cache_is_kept_per_tensorrt_version_and_gpu(tmp_path):
 def test_tensorrt_availability_is_explained():
     from build_engine.trt_compiler import tensorrt_available
 
-    assert "pip install 'edgellm[tensorrt]'" in tensorrt_available()
+    assert "pip install 'edgellm[tensorrt-cu13]'" in tensorrt_available() and "--system-site-packages" in tensorrt_available()
 
 
 def test_decode_positions_become_the_graph_inputs_idle_rows_write_to_the_scratch_slot():

@@ -1,11 +1,14 @@
 """TensorRT and CUDA graphs on real hardware (pytest -m gpu): the checks `edgellm validate` runs, on a tiny model.
 
-Skipped wherever TensorRT or a CUDA GPU is missing (this project's build machines), with the reason.
+The tiny model has head_dim 64 (with 16, a bool mask and grouped heads, TensorRT may find no fused attention
+kernel). Skipped wherever TensorRT or a CUDA GPU is missing (this project's build machines), with the reason.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,20 @@ _MISSING = tensorrt_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_MISSING is not None, reason=f"needs TensorRT and a GPU: {_MISSING}")]
 
 SLOTS = 4
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint64(tmp_path_factory) -> Path:
+    """The tiny llama with head_dim 64 (4 query heads, 2 kv heads): a head size TensorRT has fused kernels for."""
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt64") / "tiny-llama-64", "llama", head_dim=64,
+                                hidden_size=128)
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])
-def compiled(request, tiny_checkpoint, tmp_path_factory) -> Path:
+def compiled(request, checkpoint64, tmp_path_factory) -> Path:
     from build_engine import accuracy
     from build_engine.build import build_bundle
     from build_engine.trt_compiler import compile_bundle
@@ -30,7 +43,7 @@ def compiled(request, tiny_checkpoint, tmp_path_factory) -> Path:
     saved = dict(accuracy.THRESHOLDS)
     accuracy.THRESHOLDS.update({k: (2.0, 0.0) for k in accuracy.THRESHOLDS})
     try:
-        path = build_bundle(tiny_checkpoint, tmp_path_factory.mktemp("trt") / request.param, target="tensorrt",
+        path = build_bundle(checkpoint64, tmp_path_factory.mktemp("trt") / request.param, target="tensorrt",
                             precision=request.param, context_length=64)
     finally:
         accuracy.THRESHOLDS.update(saved)
@@ -49,6 +62,80 @@ def test_engine_recorded_in_manifest(compiled):
     assert [p["name"] for p in engine["profiles"]] == ["prefill", "decode_batch_1", "decode_batch_2", "decode_batch_4"]
     assert (compiled / engine["file"]).stat().st_size > 0
     assert list(compiled.parent.glob(".edgellm-timing-trt*.cache"))
+
+
+def test_kv_outputs_are_aliased_and_rows_aligned(compiled):
+    import tensorrt as trt
+
+    from bundle_format.bundle import load_bundle
+    from bundle_format.trt_plan import check_kv_aliases, check_kv_rows_aligned, kv_cache_pairs
+
+    bundle = load_bundle(compiled)
+    check_kv_rows_aligned(bundle.kv_cache)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((compiled / "model.engine").read_bytes())
+    layers = bundle.kv_cache.num_layers
+    check_kv_aliases({out: engine.get_aliased_input_tensor(out) for out in kv_cache_pairs(layers)}, layers)
+
+
+def test_odd_slot_prefill_matches_onnx_runtime(compiled):
+    """Slot 1's cache row starts at an offset that used to be misaligned (issue 19)."""
+    from bundle_format.bundle import load_bundle
+    from build_engine.graph_session import prefill_feeds
+    from daemon.backend_trt import TrtBackend
+    from edgellm.validate import _cpu_reference
+
+    bundle = load_bundle(compiled)
+    ids = [5, 17, 33, 2, 9, 41, 12]
+    cpu = _cpu_reference(bundle)
+    want = cpu.run(["logits"], prefill_feeds(cpu, ids, [len(ids) - 1]))[0][0, 0]
+    backend = TrtBackend(bundle, SLOTS)
+    try:
+        for slot in (0, 1, 3):
+            got = backend.prefill(slot, ids, 0)
+            assert int(np.argmax(got)) == int(np.argmax(want))
+            assert float(np.abs(got - want).max()) < 0.05 * float(np.abs(want).max())
+    finally:
+        backend.close()
+
+
+def test_an_out_of_profile_shape_is_refused_naming_the_tensor(compiled):
+    from bundle_format.bundle import load_bundle
+    from bundle_format.trt_plan import BindingError
+    from daemon.backend_trt import TrtBackend
+
+    backend = TrtBackend(load_bundle(compiled), SLOTS)
+    try:
+        step = backend._decode[1]
+        backend._ctx.push()
+        try:
+            with pytest.raises(BindingError, match=r"shape \(1, 5\) for input 'input_ids'"):
+                backend._set_shape(step, "input_ids", (1, 5))  # decode profiles are one token per row
+        finally:
+            backend._cuda.Context.pop()
+    finally:
+        backend.close()
+
+
+def test_a_process_using_the_backend_from_another_thread_exits_cleanly(compiled):
+    """pycuda aborts a process whose threads leave a context pushed ("context stack was not empty")."""
+    code = f"""
+import sys, threading
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+from bundle_format.bundle import load_bundle
+from daemon.backend_trt import TrtBackend
+backend = TrtBackend(load_bundle({str(compiled)!r}), {SLOTS})
+def serve():
+    backend.prefill(1, [5, 6, 7], 0)
+    backend.decode([1], [8], [3])
+t = threading.Thread(target=serve)
+t.start(); t.join()
+backend.decode([0], [1], [0])
+backend.close()
+print("done")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+    assert "context stack was not empty" not in done.stderr
 
 
 def test_graphs_captured_and_replay_equals_plain_enqueue(compiled):
