@@ -8,6 +8,7 @@ import time
 from typing import AsyncIterator, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.client.channel import Connection, aio_channel, connection
 from edgellm.client.errors import EdgeLLMError, status_code
@@ -61,6 +62,11 @@ class AsyncClient:
 
     async def tokenize(self, text: str, timeout: float | None = 10.0) -> list[int]:
         return list((await self._unary(self.stub.Tokenize, pb.TokenizeRequest(text=text), timeout)).ids)
+
+    async def serving(self, timeout: float | None = 10.0) -> bool:
+        reply = await self._unary(health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest(),
+                                  timeout)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def generate(self, prompt: Prompt, *, timeout: float | None = None, **options) -> "AsyncGenerateStream":
         """One request: `async for chunk in client.generate(...)`; `.result` afterwards."""

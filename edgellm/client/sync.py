@@ -9,6 +9,7 @@ import time
 from typing import Iterator, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.client.channel import Connection, connection, sync_channel
 from edgellm.client.errors import EdgeLLMError, status_code
@@ -70,6 +71,11 @@ class Client:
 
     def tokenize(self, text: str, timeout: float | None = 10.0) -> list[int]:
         return list(self._unary(self.stub.Tokenize, pb.TokenizeRequest(text=text), timeout).ids)
+
+    def serving(self, timeout: float | None = 10.0) -> bool:
+        """Whether the daemon says SERVING on grpc.health.v1 (False while it starts, drains or has failed)."""
+        reply = self._unary(health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest(), timeout)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def generate(self, prompt: Prompt, *, timeout: float | None = None, **options) -> "GenerateStream":
         """One request (Generate), its chunks read by iterating; see make_request for the options.
