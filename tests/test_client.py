@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from conftest import DaemonThread, cancel_reached_engine, generate, wait_until
-from edgellm.client import (NO_RETRIES, AsyncClient, Client, EdgeLLMError, RetryPolicy, UntrustedSocket,
-                            make_request)
+from edgellm.client import (NO_RETRIES, AsyncClient, Client, Conversation, EdgeLLMError, RetryPolicy,
+                            UntrustedSocket, make_request)
 from edgellm.v1 import edgellm_pb2 as pb
 
 PROMPT = [5, 6, 7, 8]
@@ -148,9 +148,11 @@ def test_session_cancel_and_refusals(daemon, gate):
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
         # A turn of a conversation never opened: the daemon's error, raised in that request only.
         with pytest.raises(EdgeLLMError) as e:
-            list(s.generate("x", max_new_tokens=2, conversation=type("C", (), {"id": "nope"})()))
+            list(s.generate("x", max_new_tokens=2, conversation=Conversation(s, "nope")))
         assert e.value.code == grpc.StatusCode.NOT_FOUND
         assert s.generate(PROMPT, max_new_tokens=2).complete().result.finish_reason == "length"  # the stream goes on
+    with pytest.raises(EdgeLLMError, match="closed"):  # after close(), a start would never be sent: refused here
+        s.generate(PROMPT, max_new_tokens=2)
 
 
 def test_async_session_with_a_conversation(daemon):
@@ -211,6 +213,33 @@ def test_a_full_queue_is_retried_with_the_servers_hint(one_slot, step_gate, on_s
     codes = {c for c, _ in policy.seen}
     assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(after is not None and after > 0 for _, after in policy.seen)  # the retry-after-ms hint, read
+
+
+def test_async_client_reads_the_retry_hint_and_cancels(one_slot, step_gate):
+    gate = step_gate(one_slot)
+    gate.hold()
+
+    async def run():
+        async with AsyncClient(unix_address(one_slot), retry=NO_RETRIES) as client:
+            blocker = client.generate(PROMPT, max_new_tokens=50, ignore_eos=True)
+            it = blocker.__aiter__()
+            first = asyncio.ensure_future(it.__anext__())
+            assert await asyncio.to_thread(wait_until, lambda: one_slot.engine.queue_length == 1)
+            refused = client.generate(PROMPT, max_new_tokens=2)
+            with pytest.raises(EdgeLLMError) as full:
+                [c async for c in refused]
+            gate.allow(2)
+            assert (await first).token_ids
+            blocker.cancel()
+            with pytest.raises(EdgeLLMError) as cancelled:
+                [c async for c in it]
+            return full.value, refused.attempts, cancelled.value
+
+    full, attempts, cancelled = asyncio.run(run())
+    gate.open()
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and full.retry_after > 0 and attempts == 1
+    assert cancelled.code == grpc.StatusCode.CANCELLED
+    assert wait_until(lambda: one_slot.engine.slots_in_use == 0)
 
 
 def test_backoff_grows_jitters_and_never_undercuts_retry_after():

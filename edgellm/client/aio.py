@@ -190,7 +190,7 @@ class AsyncSession:
             error = EdgeLLMError.from_rpc(e)
         except asyncio.CancelledError:
             error = EdgeLLMError(grpc.StatusCode.CANCELLED, "the session was cancelled")
-        self._failed = error
+        self._failed = self._failed or error
         live, self._live = list(self._live.values()), {}
         for r in live:
             r._inbox.put_nowait(error)
@@ -206,6 +206,7 @@ class AsyncSession:
 
     async def close(self) -> None:
         """Half-close: the requests still running finish, then the stream ends."""
+        self._failed = self._failed or EdgeLLMError(grpc.StatusCode.FAILED_PRECONDITION, "this session is closed")
         self.send(None)
         await self._reader
 
@@ -282,6 +283,7 @@ class AsyncConversation:
         return await self._session.generate(prompt, conversation=self, **options)
 
     def close(self) -> None:
+        self._session._conversations.pop(self.id, None)
         self._session.send(pb.SessionRequest(close_conversation=pb.CloseConversation(id=self.id)))
 
     async def __aenter__(self) -> "AsyncConversation":

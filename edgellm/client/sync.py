@@ -158,7 +158,7 @@ class Session:
         self._lock = threading.Lock()
         self._live: dict[str, SessionRequest] = {}
         self._conversations: dict[str, Conversation] = {}
-        self._failed: EdgeLLMError | None = None
+        self._failed: EdgeLLMError | None = None  # why no more requests can start here
         self._call = client.stub.Session(iter(self._out.get, None), timeout=timeout,
                                          metadata=client.connection.metadata)
         self._reader = threading.Thread(target=self._read, name="edgellm-session", daemon=True)
@@ -203,7 +203,7 @@ class Session:
         except grpc.RpcError as e:
             error = EdgeLLMError.from_rpc(e)
         with self._lock:
-            self._failed = error
+            self._failed = self._failed or error
             live, self._live = list(self._live.values()), {}
         for r in live:
             r._inbox.put(error)
@@ -221,6 +221,8 @@ class Session:
 
     def close(self, timeout: float | None = None) -> None:
         """Half-close: the requests still running finish, then the stream ends."""
+        with self._lock:
+            self._failed = self._failed or EdgeLLMError(grpc.StatusCode.FAILED_PRECONDITION, "this session is closed")
         self._out.put(None)
         self._reader.join(timeout)
 
@@ -302,6 +304,8 @@ class Conversation:
         return self._session.generate(prompt, conversation=self, **options)
 
     def close(self) -> None:
+        with self._session._lock:
+            self._session._conversations.pop(self.id, None)
         self._session.send(pb.SessionRequest(close_conversation=pb.CloseConversation(id=self.id)))
 
     def __enter__(self) -> "Conversation":
