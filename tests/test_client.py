@@ -92,6 +92,12 @@ def test_a_deadline_ends_the_call_without_retry(daemon, gate):
     gate.open()
 
 
+def test_the_requests_own_deadline_ends_it_with_that_reason(daemon):
+    with Client(unix_address(daemon)) as client:
+        done = client.complete(PROMPT, max_new_tokens=100, ignore_eos=True, deadline=1e-6)  # gone before prefill
+    assert done.result.finish_reason == "deadline" and done.token_ids == [] and done.result.attempts == 1
+
+
 def test_cancel_mid_stream_reaches_the_engine(daemon, gate):
     gate.hold()
     gate.allow(2)  # prefill and one decode step: some tokens out, then the engine waits
@@ -292,10 +298,9 @@ def test_mutual_tls_and_token(tiny_bundle, tmp_path):
     token = tmp_path / "token"
     token.write_text("t0ken\n")
     token.chmod(0o600)
-    d = DaemonThread(tiny_bundle, {"listen": {"unix": None, "tcp": "127.0.0.1:0"},
-                                   "access": {"tls_cert": str(tmp_path / "server_cert.pem"),
-                                              "tls_key": str(tmp_path / "server_key.pem"),
-                                              "tls_client_ca": str(tmp_path / "ca.pem"), "token_file": str(token)}}).start()
+    access = {"tls_cert": str(tmp_path / "server_cert.pem"), "tls_key": str(tmp_path / "server_key.pem"),
+              "tls_client_ca": str(tmp_path / "ca.pem"), "token_file": str(token)}
+    d = DaemonThread(tiny_bundle, {"listen": {"unix": None, "tcp": "127.0.0.1:0"}, "access": access}).start()
     try:
         port = d.daemon.addresses[0].rsplit(":", 1)[1]
         pems = dict(ca_cert=str(tmp_path / "ca.pem"), client_cert=str(tmp_path / "client_cert.pem"),

@@ -9,6 +9,8 @@ import grpc
 
 from edgellm.client.errors import EdgeLLMError
 
+RETRIED = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -28,7 +30,7 @@ class RetryPolicy:
         the call or closed its channel."""
         if attempt >= self.max_attempts or error.tokens_streamed or cancelled_here:
             return False
-        return error.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        return error.code in RETRIED
 
     def delay(self, error: EdgeLLMError, attempt: int) -> float:
         """Seconds to wait before send number attempt + 1: the backoff, jittered, and never under retry_after."""
