@@ -45,9 +45,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from edgellm.client import grpc_target
+from edgellm.client import NO_RETRIES, Client
 from edgellm.v1 import edgellm_pb2 as pb
-from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
 RSS_GROWTH_LIMIT = 0.02
 PRIORITIES = [pb.PRIORITY_INTERACTIVE, pb.PRIORITY_NORMAL, pb.PRIORITY_NORMAL, pb.PRIORITY_BACKGROUND]
@@ -180,8 +179,9 @@ class Workload:
     def __init__(self, address: str, context: int, rng: random.Random):
         self.address = address
         self.rng = rng
-        self.channel = grpc.insecure_channel(grpc_target(address))
-        self.stub = pb_grpc.InferenceStub(self.channel)
+        # The soak checks what the daemon itself answers: no retries, and the bare stub for the protocol's corners.
+        self.client = Client(address, retry=NO_RETRIES)
+        self.stub = self.client.stub
         self.max_new = max(4, min(96, context // 4))
         self.prompt_words = max(3, min(60, context // 8))
         self.context = context
@@ -256,13 +256,13 @@ class Workload:
 
     def vanish(self) -> list[Result]:
         """A client that goes away mid-stream: its channel closes under the call."""
-        channel = grpc.insecure_channel(grpc_target(self.address))
+        client = Client(self.address, retry=NO_RETRIES)
         req = self.request()
         try:
-            call = pb_grpc.InferenceStub(channel).Generate(req, timeout=120)
+            call = client.stub.Generate(req, timeout=120)
             result = self.read("vanish", call, req, NORMAL_ENDS, stop_after=self.rng.randint(1, 4))
         finally:
-            channel.close()
+            client.close()
         if result.outcome == "gave_up":
             result.outcome = "vanished"
         return [result]
@@ -355,22 +355,19 @@ def fill_context(address: str, context: int, vocab: int, slots: int) -> None:
     """Requests that span the whole context, on every slot at once: ONNX Runtime's arena and the KV cache grow
     with the longest request seen and keep what they got, so this takes them to their peak before the baseline.
     Twice as many as there are slots, so each slot gets one even if some end before the rest arrive."""
-    channel = grpc.insecure_channel(grpc_target(address))
-    stub = pb_grpc.InferenceStub(channel)
+    client = Client(address, retry=NO_RETRIES)
     rng = random.Random(0)
 
     def one(_: int) -> None:
         ids = [rng.randrange(min(100, vocab // 4), vocab - min(100, vocab // 4)) for _ in range(context - 4)]
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_new_tokens=4, ignore_eos=True)
-        for _ in stub.Generate(req, timeout=600):
-            pass
+        client.complete(ids, max_new_tokens=4, ignore_eos=True, timeout=600)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(2 * slots)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    channel.close()
+    client.close()
 
 
 # ---- the soak ------------------------------------------------------------------------------------------------------
@@ -488,9 +485,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def soak(daemon: ServeProcess, args: argparse.Namespace, path: Path) -> dict:
-    channel = grpc.insecure_channel(grpc_target(daemon.address))
-    info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=30)
-    channel.close()
+    with Client(daemon.address, retry=NO_RETRIES) as client:
+        info = client.model(timeout=30)
     start_sample = sample_process(daemon.pid)
     fill_context(daemon.address, info.context_length, info.vocab_size, info.slots)
     total_s = args.minutes * 60

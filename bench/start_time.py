@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from daemon_overhead import bundle_path  # bench/ is on sys.path: the script's own folder
+from edgellm.client import NO_RETRIES, Client, EdgeLLMError
 
 
 def time_to_serving(bundle: Path, timeout: float = 60.0) -> float:
@@ -30,22 +28,22 @@ def time_to_serving(bundle: Path, timeout: float = 60.0) -> float:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--bundle", str(bundle), "--unix", sock,
                                  "--log-level", "warning"], stdout=subprocess.DEVNULL)
+        # Reconnect at once: gRPC's default backoff (1 s and up) would be measured instead of the daemon.
+        client = Client(f"unix:{sock}", retry=NO_RETRIES, options=[("grpc.initial_reconnect_backoff_ms", 10),
+                                                                   ("grpc.min_reconnect_backoff_ms", 10),
+                                                                   ("grpc.max_reconnect_backoff_ms", 20)])
         try:
-            # Reconnect at once: gRPC's default backoff (1 s and up) would be measured instead of the daemon.
-            channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.initial_reconnect_backoff_ms", 10),
-                                                                     ("grpc.min_reconnect_backoff_ms", 10),
-                                                                     ("grpc.max_reconnect_backoff_ms", 20)])
-            stub = health_pb2_grpc.HealthStub(channel)
             while time.perf_counter() - t0 < timeout:
                 if proc.poll() is not None:
                     raise RuntimeError(f"the daemon exited with {proc.returncode}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == health_pb2.HealthCheckResponse.SERVING:
+                    if client.serving(timeout=0.5):
                         return time.perf_counter() - t0
-                except grpc.RpcError:
+                except EdgeLLMError:
                     time.sleep(0.01)  # not listening yet
             raise TimeoutError(f"not SERVING after {timeout} s")
         finally:
+            client.close()
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
 

@@ -19,12 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import grpc
 import numpy as np
 
-from edgellm.client import grpc_target
-from edgellm.v1 import edgellm_pb2 as pb
-from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
+from edgellm.client import NO_RETRIES, AsyncClient, Client
 
 
 @dataclass
@@ -76,17 +73,16 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: int, rows: i
     return weight_bytes + rows * kv_bytes_per_position * mean_positions
 
 
-async def _one_request(stub: pb_grpc.InferenceStub, prompt: list[int], new_tokens: int,
+async def _one_request(client: AsyncClient, prompt: list[int], new_tokens: int,
                        stream_interval_ms: int | None) -> tuple[float, list[float], int]:
     """(time to first token, inter-token gaps, tokens) of one request. A chunk of n tokens (stream_interval_ms)
     gives each of them 1/n of the time since the previous chunk: the pace, not the zeros within a chunk."""
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_new_tokens=new_tokens, ignore_eos=True,
-                             stream_interval_ms=stream_interval_ms)
     t0 = time.perf_counter()
     first, last, tokens = 0.0, 0.0, 0
     gaps: list[float] = []
-    async for msg in stub.Generate(req):
-        if msg.HasField("tokens") and (n := len(msg.tokens.token_ids)):
+    async for chunk in client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True,
+                                       stream_interval_ms=stream_interval_ms):
+        if n := len(chunk.token_ids):
             now = time.perf_counter()
             if tokens:
                 gaps += [(now - last) / n] * n
@@ -96,17 +92,17 @@ async def _one_request(stub: pb_grpc.InferenceStub, prompt: list[int], new_token
     return first - t0, gaps, tokens
 
 
-async def run_level(address: str, concurrency: int, prompt_tokens: int, new_tokens: int, rounds: int,
+async def run_level(address: str | None, concurrency: int, prompt_tokens: int, new_tokens: int, rounds: int,
                     vocab_size: int, stream_interval_ms: int | None = None) -> LevelResult:
     rng = np.random.default_rng(concurrency)
-    async with grpc.aio.insecure_channel(grpc_target(address)) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+    # No retries: a request the daemon refused would be timed as if it were slow.
+    async with AsyncClient(address, retry=NO_RETRIES) as client:
 
         async def stream(i: int) -> list[tuple[float, list[float], int]]:
             out = []
             for _ in range(rounds):
                 prompt = rng.integers(100, vocab_size - 100, prompt_tokens).tolist()
-                out.append(await _one_request(stub, prompt, new_tokens, stream_interval_ms))
+                out.append(await _one_request(client, prompt, new_tokens, stream_interval_ms))
             return out
 
         t0 = time.perf_counter()
@@ -120,12 +116,12 @@ async def run_level(address: str, concurrency: int, prompt_tokens: int, new_toke
                        pct(ttft, 50), pct(ttft, 99), pct(gaps, 50), pct(gaps, 99))
 
 
-def run_bench(address: str, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int,
+def run_bench(address: str | None, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int,
               stream_interval_ms: int | None = None) -> BenchReport:
-    """stream_interval_ms: what the requests ask for (None: the server's default)."""
-    channel = grpc.insecure_channel(grpc_target(address))
-    info = pb_grpc.InferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=10)
-    channel.close()
+    """address: as Client takes it (None: the default socket); stream_interval_ms: what the requests ask for
+    (None: the server's default). Raises EdgeLLMError when a call fails."""
+    with Client(address, retry=NO_RETRIES) as client:
+        info = client.model(timeout=10)
     if prompt_tokens + new_tokens > info.context_length:
         raise ValueError(f"prompt {prompt_tokens} + new {new_tokens} tokens exceed the context of {info.context_length}")
     bandwidth = measure_read_bandwidth()

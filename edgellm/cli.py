@@ -25,10 +25,29 @@ def fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
 
 
 def rpc_failure(address: str, e) -> str:
-    """What a client command says when a call to the daemon fails (e: a grpc.RpcError)."""
-    if e.code().name == "UNAVAILABLE":
-        return f"cannot reach the daemon at {address}: is `edgellm serve` running? ({e.details()})"
-    return f"{address}: {e.code().name}: {e.details()}"
+    """What a client command says when a call to the daemon fails (e: an EdgeLLMError, or a grpc.RpcError)."""
+    from edgellm.client import EdgeLLMError
+
+    if not isinstance(e, EdgeLLMError):
+        e = EdgeLLMError.from_rpc(e)
+    if e.code.name == "UNAVAILABLE":
+        return f"cannot reach the daemon at {address}: is `edgellm serve` running? ({e.message})"
+    return f"{address}: {e.code.name}: {e.message}"
+
+
+def client_for(command: str, address: str | None):
+    """An edgellm.client.Client for a client command, or the message (fail()'s exit code) why not: the default
+    socket is checked for its owner before anything is sent to it."""
+    from edgellm.client import Client, UntrustedSocket
+
+    try:
+        address = client_address(address)
+    except Refused as e:
+        return None, fail(command, str(e), e.code)
+    try:
+        return Client(address), 0
+    except (UntrustedSocket, ValueError) as e:
+        return None, fail(command, str(e))
 
 
 class Refused(Exception):
@@ -217,45 +236,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import grpc
+    from edgellm.client import EdgeLLMError
 
-    from edgellm.client import connect
-    from edgellm.v1 import edgellm_pb2 as pb
-
+    client, code = client_for("chat", args.address)
+    if client is None:
+        return code
+    messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+    stream = client.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, timeout=args.timeout)
     try:
-        address = client_address(args.address)
-    except Refused as e:
-        return fail("chat", str(e), e.code)
-    messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
-    messages.append(pb.ChatMessage(role="user", content=args.prompt))
-    req = pb.GenerateRequest(chat=pb.ChatMessages(messages=messages), max_new_tokens=args.max_new_tokens,
-                             sampling=pb.SamplingParams(temperature=args.temperature, top_p=args.top_p))
-    if args.seed is not None:
-        req.sampling.seed = args.seed
-    channel, stub = connect(address)
-    finished = None
-    try:
-        for msg in stub.Generate(req, timeout=args.timeout):
-            if msg.HasField("tokens"):
-                sys.stdout.write(msg.tokens.text)
-                sys.stdout.flush()
-            else:
-                finished = msg.finished
-    except grpc.RpcError as e:
-        return fail("chat", rpc_failure(address, e))
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    except EdgeLLMError as e:
+        return fail("chat", rpc_failure(client.address, e))
     finally:
-        channel.close()
+        client.close()
     print()
-    if finished is not None and args.verbose:
-        t = finished.timings
-        print(f"[{pb.FinishReason.Name(finished.reason)}; {finished.usage.prompt_tokens} prompt + "
-              f"{finished.usage.completion_tokens} new tokens; first token {t.time_to_first_token.ToMilliseconds()} ms, "
-              f"total {t.total.ToMilliseconds()} ms]", file=sys.stderr)
+    r = stream.result
+    if r is not None and args.verbose:
+        print(f"[FINISH_REASON_{r.finish_reason.upper()}; {r.prompt_tokens} prompt + {r.completion_tokens} new tokens; "
+              f"first token {r.time_to_first_token_s * 1000:.0f} ms, total {r.total_s * 1000:.0f} ms]", file=sys.stderr)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import grpc
     import yaml
 
     from bundle_format.bundle import BundleError, load_bundle
@@ -276,20 +281,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         return verify_and_report(bundle, args) if args.verify or args.trust or args.config else 0
     from google.protobuf import json_format
 
-    from edgellm.client import connect
-    from edgellm.v1 import edgellm_pb2 as pb
+    from edgellm.client import EdgeLLMError
 
+    client, code = client_for("info", target)
+    if client is None:
+        return code
     try:
-        address = client_address(target)
-    except Refused as e:
-        return fail("info", str(e), e.code)
-    channel, stub = connect(address)
-    try:
-        info = stub.GetModel(pb.GetModelRequest(), timeout=10)
-    except grpc.RpcError as e:
-        return fail("info", rpc_failure(address, e))
+        info = client.model(timeout=10)
+    except EdgeLLMError as e:
+        return fail("info", rpc_failure(client.address, e))
     finally:
-        channel.close()
+        client.close()
     print(yaml.safe_dump(json_format.MessageToDict(info, preserving_proto_field_name=True), sort_keys=False), end="")
     return 0
 
@@ -361,9 +363,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import grpc
-
     from edgellm.bench import format_results, plot_results, run_bench
+    from edgellm.client import EdgeLLMError, UntrustedSocket
+    from edgellm.socket_trust import default_unix_socket
 
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
@@ -381,8 +383,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = run_bench(address, levels, args.prompt_tokens, args.new_tokens, args.rounds, args.stream_interval_ms)
     except ValueError as e:
         return fail("bench", str(e), EXIT_USAGE)
-    except grpc.RpcError as e:
-        return fail("bench", rpc_failure(address, e))
+    except UntrustedSocket as e:
+        return fail("bench", str(e))
+    except EdgeLLMError as e:
+        return fail("bench", rpc_failure(address or default_unix_socket(), e))
     print(format_results(results, args.json))
     if args.plot:
         try:

@@ -1,0 +1,105 @@
+"""Requests built from plain Python values, and what comes back: chunks of tokens and a final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+from google.protobuf.duration_pb2 import Duration
+
+from edgellm.v1 import edgellm_pb2 as pb
+
+# A prompt: text, token ids, chat messages as (role, content) pairs or {"role", "content"} dicts, or a
+# ready GenerateRequest (sent as is: the keyword options must then be left out).
+Prompt = Union[str, Sequence[int], Sequence[tuple[str, str]], Sequence[Mapping[str, str]], pb.GenerateRequest]
+
+PRIORITIES = {"interactive": pb.PRIORITY_INTERACTIVE, "normal": pb.PRIORITY_NORMAL,
+              "background": pb.PRIORITY_BACKGROUND}
+
+
+def _chat(messages: Sequence) -> pb.ChatMessages:
+    out = pb.ChatMessages()
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.messages.add(role=role, content=content)
+    return out
+
+
+def make_request(prompt: Prompt, *, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 0.0,
+                 seed: int | None = None, logprobs: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 deadline: float | None = None, priority: str | None = None,
+                 stream_interval_ms: int | None = None) -> pb.GenerateRequest:
+    """A GenerateRequest. deadline: seconds the server gives the request from its arrival (it then ends with
+    finish reason "deadline", keeping what streamed); priority: "interactive", "normal" or "background"."""
+    if isinstance(prompt, pb.GenerateRequest):
+        return prompt
+    req = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
+                             stream_interval_ms=stream_interval_ms,
+                             sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                                        repetition_penalty=repetition_penalty, seed=seed,
+                                                        logprobs=logprobs))
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        req.token_ids.ids.extend(prompt)
+    else:
+        req.chat.CopyFrom(_chat(prompt))
+    if deadline is not None:
+        d = Duration()
+        d.FromNanoseconds(int(deadline * 1e9))
+        req.deadline.CopyFrom(d)
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        req.priority = PRIORITIES[priority]
+    return req
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Tokens that arrived together: their ids, the text they add (whole characters; may be empty) and, when
+    asked for, one edgellm.v1.TokenLogprob per token (its logprob and the top alternatives)."""
+
+    text: str
+    token_ids: Sequence[int]
+    logprobs: Sequence[pb.TokenLogprob] = ()
+
+    @classmethod
+    def of(cls, m: pb.TokenChunk) -> "Chunk":
+        return cls(m.text, m.token_ids, m.logprobs)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a request ended. finish_reason: "stop", "length", "cancelled", "deadline" or "error"."""
+
+    finish_reason: str
+    stop_sequence: str
+    message: str  # why, when the reason alone does not say (e.g. the server shut down; the failure for "error")
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # reused from the conversation's earlier turns
+    queue_s: float  # arrival to prefill start, on the server
+    time_to_first_token_s: float
+    total_s: float
+    reprefilled: bool
+    preemptions: int
+    attempts: int  # sends it took, retries included
+
+    @classmethod
+    def of(cls, f: pb.Finished, attempts: int) -> "Result":
+        t = f.timings
+        return cls(pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower(), f.stop_sequence, f.message,
+                   f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_prompt_tokens,
+                   t.queue.ToNanoseconds() / 1e9, t.time_to_first_token.ToNanoseconds() / 1e9,
+                   t.total.ToNanoseconds() / 1e9, f.reprefilled, f.preemptions, attempts)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer (Client.complete): its text, its token ids and how it ended."""
+
+    text: str
+    token_ids: list[int]
+    result: Result
