@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from conftest import DaemonThread, cancel_reached_engine, generate, wait_until
+from edgellm.socket_trust import SocketMissing
 from edgellm.client import (NO_RETRIES, AsyncClient, Client, Conversation, EdgeLLMError, RetryPolicy,
                             UntrustedSocket, make_request)
 from edgellm.v1 import edgellm_pb2 as pb
@@ -276,7 +277,7 @@ def test_the_default_socket_is_used_only_when_it_can_be_trusted(daemon, tmp_path
     with pytest.raises(UntrustedSocket, match="writable by group or others"):
         Client()
     shared.chmod(0o700)
-    with pytest.raises(UntrustedSocket, match="no daemon socket"):
+    with pytest.raises(SocketMissing, match="no socket at"):
         Client()
 
 
