@@ -253,7 +253,8 @@ class Daemon:
         await self._set_serving(False)
         # Queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
         self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
-        running = len(service.live)
+        # Those in a slot: service.live also counts the queued ones refused above, until the engine's next step.
+        running = len(self.engine.running)
         log.info("draining: %d requests running, up to %gs", running, grace)
         self.notifier.stopping(f"draining: {running} requests running, up to {grace:g}s")
         try:
