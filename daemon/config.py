@@ -102,6 +102,14 @@ class ServiceConfig:
 
 
 @dataclass
+class OpenAIConfig:
+    # "host:port" of the OpenAI-compatible HTTP listener (docs/openai-http.md); null: off. Same engine, limits,
+    # token and TLS as the gRPC listeners; needs the `openai` extra (aiohttp).
+    listen: str | None = None
+    model_name: str | None = None  # the model id /v1/models lists and requests must name; null: the bundle's source name
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -111,6 +119,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
@@ -189,6 +198,10 @@ def parse_config(data: Any) -> Config:
         split_host_port(cfg.listen.tcp, "listen.tcp")
     if cfg.service.metrics:
         split_host_port(cfg.service.metrics, "service.metrics")
+    if cfg.openai.listen:
+        split_host_port(cfg.openai.listen, "openai.listen")
+    if cfg.openai.model_name is not None and not cfg.openai.model_name.strip():
+        raise ConfigError("'openai.model_name' must not be empty (null: the bundle's source name)")
     return cfg
 
 

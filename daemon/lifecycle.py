@@ -128,6 +128,7 @@ class Daemon:
         self.service: InferenceService | None = None
         self.server: grpc.aio.Server | None = None
         self.front: FrontDoor | None = None
+        self.openai = None  # daemon.openai_http.OpenAIDoor when openai.listen is set
         # The asyncio servicer: the threaded one's Watch blocks a thread that keeps the process from exiting.
         self.health = health.aio.HealthServicer()
         self.metrics = EngineMetrics()
@@ -188,6 +189,12 @@ class Daemon:
         self.addresses = [address_of(sock) for sock in self.front.listeners]
         await self.server.start()
         self.front.start()
+        if cfg.openai.listen:
+            from daemon.openai_http import OpenAIDoor  # the `openai` extra (aiohttp)
+            door = OpenAIDoor(cfg, self.service, self.bundle, self.token, self.metrics, self.front.max_connections)
+            await door.start()
+            self.openai = door
+            log.info("OpenAI-compatible HTTP API on %s/v1", self.openai.address)
         if self.metrics_server:
             host, _ = split_host_port(cfg.service.metrics, "service.metrics")
             self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.port}"
@@ -235,6 +242,8 @@ class Daemon:
             return
         service.draining = True
         await self._set_serving(False)
+        if self.openai:
+            self.openai.stop_accepting()
         # Queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
         self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         running = len(service.live)
@@ -267,6 +276,7 @@ class Daemon:
         # their last messages; idle ones are closed), and the front door's stop cuts off, after its grace, a
         # client that reads nothing, whose pending writes would otherwise hold up gRPC's stop.
         await asyncio.gather(*([self.server.stop(1.0)] if self.server else []),
+                             *([self.openai.close()] if self.openai else []),
                              *([asyncio.get_running_loop().run_in_executor(None, self.front.stop)] if self.front else []))
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
@@ -296,6 +306,8 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     inherited = listen_sockets()
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None
+    if config.openai.listen:
+        import daemon.openai_http  # noqa: F401  # without the `openai` extra: fails here, before the model load
     tls = server_tls_context(config.access)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
