@@ -98,20 +98,31 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_value", param)
 
 
-def refuse_exposed_plaintext(sock: socket.socket, config: Config) -> None:
-    """The protected-mode rule of the gRPC TCP listener, for this one: a non-loopback address needs TLS
-    (access.tls_cert) unless listen.allow_insecure_tcp allows clear text. Raises ValueError naming the way out."""
+def check_exposure(sock: socket.socket, config: Config) -> None:
+    """Protected mode, the gRPC TCP listener's rule for this one: beyond loopback, TLS plus a token or client
+    certificates, unless listen.allow_insecure_tcp serves it without (a warning); a token without TLS never.
+    Raises ValueError naming the way out. (Where main has the gRPC listener's own check, this calls it.)"""
     host = sock.getsockname()[0]
-    if ipaddress.ip_address(host).is_loopback or config.access.tls_cert:
+    if ipaddress.ip_address(host).is_loopback:
         return
+    access = config.access
+    tls, token, client_ca = access.tls_cert is not None, access.token_file is not None, access.tls_client_ca is not None
+    where = f"openai.listen: {host} is not a loopback address"
+    if token and not tls:
+        raise ValueError(f"{where} and access.token_file is set without TLS: the token would travel in clear text; "
+                         "set access.tls_cert and access.tls_key (listen.allow_insecure_tcp does not lift this)")
+    if tls and (token or client_ca):
+        return
+    missing = ([] if tls else ["TLS (access.tls_cert and access.tls_key)"]) + \
+        ([] if token or client_ca else ["client authentication (access.token_file or access.tls_client_ca)"])
     # The key comes with the gRPC listener's protected mode; where it is absent the rule holds without exception.
     if getattr(config.listen, "allow_insecure_tcp", False):
-        log.warning("openai.listen: HTTP without TLS on %s: whoever reaches the port reads and sends requests in "
-                    "clear text", host)
+        log.warning("openai.listen: HTTP on %s without %s (listen.allow_insecure_tcp: true): whoever reaches the port "
+                    "can send requests%s", host, " and without ".join(missing), "" if tls else " and read them in clear text")
         return
-    raise ValueError(f"openai.listen: {host} is not a loopback address and access.tls_cert is not set: requests and "
-                     "the bearer token would cross the network in clear text; configure TLS, listen on 127.0.0.1, "
-                     "or set listen.allow_insecure_tcp: true")
+    raise ValueError(f"{where} and has no {' and no '.join(missing)}: anyone who reaches the port could use the model"
+                     f"{'' if tls else ' and read the prompts'}; set those keys, listen on 127.0.0.1 instead, or set "
+                     "listen.allow_insecure_tcp: true to serve it unprotected anyway")
 
 
 def http_listener(address: str) -> socket.socket:
@@ -329,7 +340,7 @@ class OpenAIDoor:
             tls.set_alpn_protocols(["http/1.1"])
         sock = http_listener(cfg.openai.listen)
         try:
-            refuse_exposed_plaintext(sock, cfg)
+            check_exposure(sock, cfg)
             await self._runner.setup()
             self._server = await asyncio.get_running_loop().create_server(
                 self._protocol, sock=sock, ssl=tls, ssl_handshake_timeout=cfg.limits.handshake_timeout_s if tls else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import socket
 import ssl
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import TINY_CONTEXT, DaemonThread, cancel_reached_engine, generate, wait_until
 from daemon.config import ConfigError, parse_config
-from daemon.openai_http import refuse_exposed_plaintext
+from daemon.openai_http import check_exposure
 from edgellm.v1 import edgellm_pb2 as pb
 
 TOKEN = "s3cret-http-token"
@@ -382,12 +383,28 @@ def test_config_keys():
         parse_config({"openai": {"model_name": " "}})
 
 
-def test_a_non_loopback_address_without_tls_is_refused():
+@pytest.mark.parametrize("access, refused", [
+    ({}, "has no TLS (access.tls_cert and access.tls_key) and no client authentication"),
+    ({"token_file": "t"}, "access.token_file is set without TLS"),
+    ({"tls_cert": "c.pem", "tls_key": "k.pem"}, "has no client authentication"),
+    ({"tls_cert": "c.pem", "tls_key": "k.pem", "token_file": "t"}, None),
+    ({"tls_cert": "c.pem", "tls_key": "k.pem", "tls_client_ca": "ca.pem"}, None),
+])
+def test_protected_mode_beyond_loopback(access, refused):
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", 0))
-        with pytest.raises(ValueError, match="not a loopback address and access.tls_cert is not set"):
-            refuse_exposed_plaintext(sock, parse_config({}))
-        refuse_exposed_plaintext(sock, parse_config({"access": {"tls_cert": "c.pem", "tls_key": "k.pem"}}))
+        if refused:
+            with pytest.raises(ValueError, match=re.escape(refused)):
+                check_exposure(sock, parse_config({"access": access}))
+        else:
+            check_exposure(sock, parse_config({"access": access}))
+        allowed = parse_config({"access": access})
+        allowed.listen.allow_insecure_tcp = True  # listen.allow_insecure_tcp (the gRPC listener's protected mode)
+        if refused and "without TLS" in refused:  # a token in clear text: never
+            with pytest.raises(ValueError, match=re.escape(refused)):
+                check_exposure(sock, allowed)
+        else:
+            check_exposure(sock, allowed)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        refuse_exposed_plaintext(sock, parse_config({}))
+        check_exposure(sock, parse_config({"access": access}))
