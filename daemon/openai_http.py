@@ -298,14 +298,11 @@ def _subject(cert: dict) -> str:
 
 
 # ---- the door -------------------------------------------------------------------------------------------
-class _Refused:
+class _Refused(asyncio.Protocol):
     """The protocol of a connection beyond the bound: closed as soon as it is made."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
 
 
 class OpenAIDoor:
