@@ -318,25 +318,39 @@ def test_draining_refuses_new_requests_with_503_and_lets_running_ones_finish(tin
         d.stop()
 
 
-def test_connections_beyond_the_bound_are_closed(tiny_bundle, tmp_path):
-    d = DaemonThread(tiny_bundle, _door_config(tmp_path, limits={"max_connections": 1})).start()
-    try:
-        first = connect(d)
-        first.request("GET", "/v1/models")
-        assert first.getresponse().read()  # served, and kept open
-        refused = d.daemon.metrics.connections_refused._value.get()
-        second = connect(d)
-        with pytest.raises((ConnectionError, http.client.HTTPException)):
-            second.request("GET", "/v1/models")
-            second.getresponse().read()
-        assert d.daemon.metrics.connections_refused._value.get() == refused + 1
-        first.close()
-        assert wait_until(lambda: not d.daemon.openai._runner.server.connections)
-        third = connect(d)
-        third.request("GET", "/v1/models")
-        assert third.getresponse().status == 200
-    finally:
-        d.stop()
+@pytest.fixture(scope="module")
+def small_door(tiny_bundle, tmp_path_factory):
+    d = DaemonThread(tiny_bundle, _door_config(tmp_path_factory.mktemp("sock"),
+                                               limits={"max_connections": 1, "max_message_bytes": 1024})).start()
+    yield d
+    d.stop()
+
+
+def test_a_body_beyond_max_message_bytes_is_413(small_door):
+    conn = connect(small_door)
+    resp = post(conn, "/v1/completions", {"model": "tiny", "prompt": "x" * 2000}, {"Connection": "close"})
+    error = json.loads(resp.read())["error"]
+    assert resp.status == 413 and error["type"] == "invalid_request_error" and "1024" in error["message"]
+    conn.close()
+    assert wait_until(lambda: not small_door.daemon.openai._runner.server.connections)
+
+
+def test_connections_beyond_the_bound_are_closed(small_door):
+    d = small_door
+    first = connect(d)
+    first.request("GET", "/v1/models")
+    assert first.getresponse().read()  # served, and kept open
+    refused = d.daemon.metrics.connections_refused._value.get()
+    second = connect(d)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        second.request("GET", "/v1/models")
+        second.getresponse().read()
+    assert d.daemon.metrics.connections_refused._value.get() == refused + 1
+    first.close()
+    assert wait_until(lambda: not d.daemon.openai._runner.server.connections)
+    third = connect(d)
+    third.request("GET", "/v1/models")
+    assert third.getresponse().status == 200
 
 
 @pytest.fixture(scope="module")
