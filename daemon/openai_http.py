@@ -425,8 +425,8 @@ class OpenAIDoor:
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await self._json(request)
-        self._check_model(body.get("model") if isinstance(body, dict) else None)
         req, opts = generate_request(body, chat)
+        self._check_model(body.get("model"))
         transport = request.transport
         host, port = (transport.get_extra_info("peername") or ("?", 0))[:2] if transport else ("?", 0)
         cert = transport.get_extra_info("peercert") if transport else None

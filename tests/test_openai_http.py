@@ -364,14 +364,16 @@ def tls_door(tiny_bundle, tmp_path_factory):
     token.chmod(0o600)
     d = DaemonThread(tiny_bundle, _door_config(tmp_path_factory.mktemp("sock"), access={
         "tls_cert": str(folder / "server_cert.pem"), "tls_key": str(folder / "server_key.pem"),
-        "token_file": str(token)})).start()
+        "tls_client_ca": str(folder / "ca.pem"), "token_file": str(token)})).start()
     yield d, folder
     d.stop()
 
 
-def tls_client(d: DaemonThread, folder, api_key: str) -> openai.OpenAI:
+def tls_client(d: DaemonThread, folder, api_key: str, client_cert: bool = True) -> openai.OpenAI:
     port = d.daemon.openai.address.rsplit(":", 1)[1]
     verify = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    if client_cert:  # mutual TLS: the certificate the daemon's CA signed
+        verify.load_cert_chain(str(folder / "client_cert.pem"), str(folder / "client_key.pem"))
     return openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key=api_key, max_retries=0, timeout=60,
                          http_client=openai.DefaultHttpxClient(verify=verify))
 
@@ -395,6 +397,13 @@ def test_a_missing_or_wrong_token_is_401(tls_door, api_key, code):
     assert e.value.status_code == 401 and e.value.body["code"] == code
     assert e.value.response.headers["WWW-Authenticate"] == "Bearer"
     assert errors(d, "UNAUTHENTICATED") == refused + 1
+
+
+def test_mutual_tls_without_a_client_certificate_is_401(tls_door):
+    d, folder = tls_door
+    with pytest.raises(openai.AuthenticationError) as e:
+        tls_client(d, folder, TOKEN, client_cert=False).models.list()
+    assert e.value.body["code"] == "client_certificate_required"
 
 
 def test_plain_http_to_the_tls_port_gets_nothing(tls_door):
