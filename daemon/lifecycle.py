@@ -307,7 +307,11 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None
     if config.openai.listen:
-        import daemon.openai_http  # noqa: F401  # without the `openai` extra: fails here, before the model load
+        try:  # here, before a long model load
+            import aiohttp  # noqa: F401
+        except ImportError:
+            raise ValueError("openai.listen needs aiohttp: install edgellm's `openai` extra "
+                             "(pip install 'edgellm[openai]')") from None
     tls = server_tls_context(config.access)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

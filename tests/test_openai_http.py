@@ -9,9 +9,8 @@ import json
 import re
 import socket
 import ssl
-import threading
+import sys
 
-import grpc
 import openai
 import pytest
 
@@ -358,7 +357,7 @@ def tls_door(tiny_bundle, tmp_path_factory):
     from test_service import _certificates
 
     folder = tmp_path_factory.mktemp("certs")
-    pems = _certificates(folder)
+    _certificates(folder)
     token = folder / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
@@ -416,6 +415,17 @@ def test_plain_http_to_the_tls_port_gets_nothing(tls_door):
 
 
 # ---- configuration -------------------------------------------------------------------------------------
+def test_without_aiohttp_the_daemon_stops_before_loading_the_model(tiny_bundle, monkeypatch):
+    from bundle_format.bundle import load_bundle
+    from daemon import backends, lifecycle
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # `import aiohttp` raises ImportError, as where it is not installed
+    monkeypatch.setattr(backends, "create_backend", lambda *a: pytest.fail("the model was loaded"))
+    config = parse_config({"listen": {"unix": None, "tcp": "127.0.0.1:0"}, "openai": {"listen": "127.0.0.1:0"}})
+    with pytest.raises(ValueError, match=r"openai.listen needs aiohttp: install edgellm's `openai` extra"):
+        asyncio.run(lifecycle.run_daemon(config, load_bundle(tiny_bundle)))
+
+
 def test_config_keys():
     assert parse_config({}).openai.listen is None  # off by default
     assert parse_config({"openai": {"listen": "127.0.0.1:8000"}}).openai.listen == "127.0.0.1:8000"
