@@ -38,19 +38,19 @@ def is_loopback_host(host: str) -> bool | None:
         return None  # a name: judged on the address it is bound to (check_tcp_exposure at start)
 
 
-def check_tcp_exposure(listen: ListenConfig, access: AccessConfig, address: str) -> str | None:
+def check_tcp_exposure(listen: ListenConfig, access: AccessConfig, address: str, key: str = "listen.tcp") -> str | None:
     """Protected mode for a TCP listener on `address` ("host:port"): raise ConfigError where it may not serve as
     configured; the warning to log where listen.allow_insecure_tcp lets it serve unprotected; else None.
 
     Loopback (127.0.0.0/8, ::1, localhost) is reachable from this machine only and is served as configured.
     Elsewhere the network can read and forge what travels, so TLS is needed, and anyone who reaches the
     port can call, so the client must prove itself: a bearer token or a client certificate."""
-    host, _ = split_host_port(address, "listen.tcp")
+    host, _ = split_host_port(address, key)
     if is_loopback_host(host) is not False:  # a host name is judged again on the address bound at start
         return None
     tls, token, client_ca = access.tls_cert is not None, access.token_file is not None, access.tls_client_ca is not None
     if token and not tls:  # never allowed: the token would travel in clear, for anyone on the path to reuse
-        raise ConfigError(f"listen.tcp: {address} is not a loopback address and access.token_file is set without TLS: "
+        raise ConfigError(f"{key}: {address} is not a loopback address and access.token_file is set without TLS: "
                           f"the token would travel in clear text; set access.tls_cert and access.tls_key "
                           f"(listen.allow_insecure_tcp does not lift this)")
     if tls and (token or client_ca):
@@ -58,9 +58,9 @@ def check_tcp_exposure(listen: ListenConfig, access: AccessConfig, address: str)
     missing = ([] if tls else ["TLS (access.tls_cert and access.tls_key)"]) + \
         ([] if token or client_ca else ["client authentication (access.token_file or access.tls_client_ca)"])
     if listen.allow_insecure_tcp:
-        return (f"TCP on {address} without {' and without '.join(missing)} (listen.allow_insecure_tcp: true): "
+        return (f"{key}: {address} without {' and without '.join(missing)} (listen.allow_insecure_tcp: true): "
                 f"whoever reaches the port can send requests" + ("" if tls else " and read them in clear text"))
-    raise ConfigError(f"listen.tcp: {address} is not a loopback address and has no {' and no '.join(missing)}: "
+    raise ConfigError(f"{key}: {address} is not a loopback address and has no {' and no '.join(missing)}: "
                       f"anyone who reaches the port could use the model" + ("" if tls else " and read the prompts") +
                       "; set those keys, listen on 127.0.0.1 instead, or set listen.allow_insecure_tcp: true "
                       "to serve it unprotected anyway")
@@ -153,6 +153,14 @@ class TrustConfig:
 
 
 @dataclass
+class OpenAIConfig:
+    # "host:port" of the OpenAI-compatible HTTP listener (docs/openai-http.md); null: off. Same engine, limits,
+    # token and TLS as the gRPC listeners; needs the `openai` extra (aiohttp).
+    listen: str | None = None
+    model_name: str | None = None  # the model id /v1/models lists and requests must name; null: the bundle's source name
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -163,6 +171,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
@@ -241,6 +250,10 @@ def parse_config(data: Any) -> Config:
         check_tcp_exposure(cfg.listen, cfg.access, cfg.listen.tcp)  # also parses the address
     if cfg.service.metrics:
         split_host_port(cfg.service.metrics, "service.metrics")
+    if cfg.openai.listen:
+        split_host_port(cfg.openai.listen, "openai.listen")
+    if cfg.openai.model_name is not None and not cfg.openai.model_name.strip():
+        raise ConfigError("'openai.model_name' must not be empty (null: the bundle's source name)")
     return cfg
 
 

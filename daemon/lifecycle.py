@@ -139,6 +139,7 @@ class Daemon:
         self.service: InferenceService | None = None
         self.server: grpc.aio.Server | None = None
         self.front: FrontDoor | None = None
+        self.openai = None  # daemon.openai_http.OpenAIDoor when openai.listen is set
         # The asyncio servicer: the threaded one's Watch blocks a thread that keeps the process from exiting.
         self.health = health.aio.HealthServicer()
         self.metrics = EngineMetrics()
@@ -199,6 +200,12 @@ class Daemon:
         self.addresses = [address_of(sock) for sock in self.front.listeners]
         await self.server.start()
         self.front.start()
+        if cfg.openai.listen:
+            from daemon.openai_http import OpenAIDoor  # the `openai` extra (aiohttp)
+            door = OpenAIDoor(cfg, self.service, self.bundle, self.token, self.metrics, self.front.max_connections)
+            await door.start()
+            self.openai = door
+            log.info("OpenAI-compatible HTTP API on %s/v1", self.openai.address)
         if self.metrics_server:
             host, _ = split_host_port(cfg.service.metrics, "service.metrics")
             self.metrics_address = f"{f'[{host}]' if ':' in host else host}:{self.metrics_server.port}"
@@ -251,6 +258,8 @@ class Daemon:
             return
         service.draining = True
         await self._set_serving(False)
+        if self.openai:
+            self.openai.stop_accepting()
         # Queued requests that have not started end now with UNAVAILABLE, free to retry elsewhere.
         self.engine.refuse_queued("the server is shutting down before this request started; retry on another instance")
         # Those in a slot: service.live also counts the queued ones refused above, until the engine's next step.
@@ -284,6 +293,7 @@ class Daemon:
         # their last messages; idle ones are closed), and the front door's stop cuts off, after its grace, a
         # client that reads nothing, whose pending writes would otherwise hold up gRPC's stop.
         await asyncio.gather(*([self.server.stop(1.0)] if self.server else []),
+                             *([self.openai.close()] if self.openai else []),
                              *([asyncio.get_running_loop().run_in_executor(None, self.front.stop)] if self.front else []))
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
@@ -343,6 +353,12 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     check_listeners(config, inherited)  # before a long model load; Daemon.start checks the bound sockets again
     # Read here, not in Daemon.start: a bad path fails before a long model load.
     token = read_token(config.access.token_file) if config.access.token_file else None
+    if config.openai.listen:
+        try:  # here, before a long model load
+            import aiohttp  # noqa: F401
+        except ImportError:
+            raise ValueError("openai.listen needs aiohttp: install edgellm's `openai` extra "
+                             "(pip install 'edgellm[openai]')") from None
     tls = server_tls_context(config.access)
     trusted = trusted_keys(config.trust.public_keys) if config.trust.public_keys else None
     loop = asyncio.get_running_loop()
