@@ -211,7 +211,9 @@ class RequestPreparer:
             raise _invalid(f"the response format and tools have {structured_bytes(req)} bytes; this server accepts at "
                            f"most {self.structured.max_schema_bytes} (structured.max_schema_bytes)")
         loop = asyncio.get_running_loop()
-        tools, spec = await loop.run_in_executor(self._pool, self._output_format, req)
+        tools, spec = [], None
+        if req.tools or req.HasField("response_format") or req.HasField("tool_choice"):
+            tools, spec = await loop.run_in_executor(self._pool, self._output_format, req)
         grammar = await self._grammar_state(spec) if spec is not None else None
         ids = await loop.run_in_executor(self._pool, self._prompt_ids, req, conversation, tools)
         ctx = self.context_length
@@ -323,7 +325,8 @@ class RequestPreparer:
             if len(req.chat.messages) > self.prompt_token_limit:
                 raise _invalid(f"the chat has {len(req.chat.messages)} messages; a prompt of at most {self.prompt_token_limit} tokens cannot hold them")
             # The template writes each message's content into the prompt: content this long cannot fit either.
-            self._check_size(sum(utf8_length(m.content) for m in req.chat.messages), "the chat's content")
+            self._check_size(sum(utf8_length(m.content) + sum(utf8_length(c.arguments) for c in m.tool_calls)
+                                 for m in req.chat.messages), "the chat's content")
             earlier = conv.messages if conv is not None else []
             return self._encode_chat([*earlier, *map(chat_message, req.chat.messages)], tools)
         if kind == "token_ids":

@@ -2,7 +2,7 @@
 
 A call is written `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the form Hermes/Qwen-style templates
 train on); several calls follow each other on separate lines. The grammar allows exactly that, with each tool's
-argument schema, or (tool choice auto) text whose first character is not "<". The reader decides from the reply's
+argument schema, or (tool choice auto) text whose first character is neither "<" nor a blank. The reader decides from the reply's
 first character which it is, and turns each closed call into a ToolCall; the call markup never reaches `text`.
 """
 
@@ -70,7 +70,8 @@ def call_grammar(tools: Sequence[Tool], mode: str) -> GrammarSpec:
     schema = {**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), "x-guidance": JSON_OPTIONS}
     lines = [f'call: "{OPEN}" %json {json.dumps(schema)} "{CLOSE}"']
     if mode == "auto":
-        lines += ["start: TEXT | calls", 'calls: call ("\\n" call)*', r"TEXT: /[^<](.|\n)*/"]
+        # Text starts with a visible character other than "<": blanks first would let call markup pass as text.
+        lines += ["start: TEXT | calls", 'calls: call ("\\n" call)*', r"TEXT: /[^<\s](.|\n)*/"]
     elif mode == "required":
         lines += ["start: calls", 'calls: call ("\\n" call)*']
     else:
@@ -146,6 +147,6 @@ class ToolCallReader:
             calls.append(ToolCall(f"call_{secrets.token_hex(12)}", call["name"],
                                   json.dumps(call["arguments"], ensure_ascii=False)))
         if final and self._buf:  # cut short (max_new_tokens): what there is goes out as text, not lost
-            rest, self._buf = self._buf, ""
+            rest, self._buf = self._buf.lstrip("\n"), ""
             return rest, calls
         return "", calls

@@ -160,6 +160,28 @@ def test_schema_larger_than_the_limit_is_refused(daemon):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured.max_schema_bytes" in e.value.details()
 
 
+def test_compile_past_the_timeout_is_refused(daemon, monkeypatch):
+    """A compile that outlasts structured.compile_timeout_s is INVALID_ARGUMENT (the event loop never waits on it)."""
+    import threading
+    preparer = daemon.daemon.service.preparer
+    release = threading.Event()
+    compile_ = preparer.grammars.compile
+
+    def slow(spec):
+        release.wait(30)
+        return compile_(spec)
+
+    monkeypatch.setattr(preparer.grammars, "compile", slow)
+    monkeypatch.setattr(preparer.structured, "compile_timeout_s", 0.2)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            constrained(daemon.stub(), pb.ResponseFormat(regex="[a-z]{3}"), 0)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "structured.compile_timeout_s" in e.value.details()
+    finally:
+        release.set()
+
+
 def test_repeated_schema_is_compiled_once(daemon):
     grammars = daemon.daemon.service.preparer.grammars
     schema = json.dumps({"type": "object", "properties": {"cached": {"type": "boolean"}}, "required": ["cached"]})
@@ -384,6 +406,58 @@ def test_tool_call_round_trip_in_a_conversation(tool_daemon):
     assert finished2.usage.cached_prompt_tokens > finished.usage.prompt_tokens
 
 
+def test_template_with_tools_support_gets_them_itself(tmp_path):
+    """A template that reads `tools` gets them (and assistant calls) in Hugging Face's form: no fallback prompt."""
+    from tiny_tokenizer import write_tiny_tokenizer
+    from daemon.tokenizer import Tokenizer
+    from daemon.tool_calls import parse_tools
+    write_tiny_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }}={{ t.function.parameters | tojson }};{% endfor %}|{% endif %}"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.id }} {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+        "{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}|{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.template_has_tools
+    tools = parse_tools([("f", "d", '{"type": "object", "properties": {"x": {"type": "integer"}}}')])
+    text = tok.render_chat([("user", "hi"), {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "name": "f", "arguments": '{"x": 1}'}]}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}],
+        tools=tools, add_generation_prompt=False)
+    assert text == ('TOOLS:f={"type": "object", "properties": {"x": {"type": "integer"}}};|'
+                    'user:hi|assistant:[call_1 f {"x": 1}]|tool:2(call_1)|')
+
+
+def test_batched_chunks_keep_their_tool_calls():
+    """With a stream interval, calls ride in the held chunk and none is lost when chunks merge."""
+    from daemon.postprocess import Outbox
+    from daemon.sampling import SamplingParams
+    from daemon.sequence import Sequence, TokenEvent
+    from daemon.tool_calls import ToolCall
+    seq = Sequence([1], SamplingParams(), 8, stream_interval=10.0)
+    outbox = Outbox()
+    calls = [ToolCall("call_a", "f", "{}"), ToolCall("call_b", "g", "{}")]
+    outbox.emit(seq, TokenEvent([1], ""), now=0.0)  # the first chunk goes at once
+    outbox.emit(seq, TokenEvent([2], "", tool_calls=[calls[0]]), now=1.0)
+    outbox.emit(seq, TokenEvent([3], "", tool_calls=[calls[1]]), now=2.0)
+    outbox.send_pending(seq, now=3.0)
+    events = [ev for _, ev in outbox.take()]
+    assert [ev.token_ids for ev in events] == [[1], [2, 3]]
+    assert events[1].tool_calls == calls
+
+
+def test_tool_call_reader_splits_text_and_calls():
+    from daemon.tool_calls import ToolCallReader
+    reader = ToolCallReader()
+    out = [reader.read(piece) for piece in ('<tool_', 'call>{"name":"f","argu', 'ments":{"x":1}}</tool_call>', '\n<tool_call>{"na')]
+    assert [text for text, _ in out] == ["", "", "", ""]
+    assert [(c.name, c.arguments) for _, calls in out for c in calls] == [("f", '{"x": 1}')]
+    assert reader.read("", final=True) == ('<tool_call>{"na', [])  # cut short: what there is, as text
+    text_reader = ToolCallReader()
+    assert text_reader.read("Hi <tool_call>") == ("Hi <tool_call>", [])
+
+
 def test_history_with_tool_calls_renders_the_call_markup(tool_daemon):
     """A stateless client sends the whole exchange: the assistant's calls and the tool's result are rendered."""
     tok = tool_daemon.daemon.service.preparer.tokenizer
@@ -404,3 +478,12 @@ def test_history_with_tool_calls_renders_the_call_markup(tool_daemon):
                        max_new_tokens=4, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE))
     _, _, finished = read(tool_daemon.stub().Generate(req, timeout=60))
     assert finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
+def test_structured_config_keys_are_validated():
+    from daemon.config import ConfigError, parse_config
+    cfg = parse_config({"structured": {"max_schema_bytes": 1024, "compile_timeout_s": 2, "cache_size": 8}})
+    assert (cfg.structured.max_schema_bytes, cfg.structured.compile_timeout_s, cfg.structured.cache_size) == (1024, 2.0, 8)
+    for bad in ({"cache_size": 0}, {"compile_timeout_s": 0}, {"max_schema_bytes": 2**30}, {"nope": 1}):
+        with pytest.raises(ConfigError, match="structured"):
+            parse_config({"structured": bad})
