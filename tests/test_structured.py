@@ -124,6 +124,15 @@ def test_choices(daemon):
     assert len(seen) >= 2  # temperature 1.0 really samples among them
 
 
+def test_the_grammar_ends_the_request_even_with_ignore_eos(daemon):
+    """A finished grammar ends the request at once (STOP), without waiting for an end-of-sequence token."""
+    for seed in range(4):
+        ids, text, finished = constrained(daemon.stub(), pb.ResponseFormat(choices=pb.Choices(choices=["on", "off"])),
+                                          seed, ignore_eos=True)
+        assert text in ("on", "off") and finished.reason == pb.FINISH_REASON_STOP
+        assert daemon.engine.post.eos_ids.isdisjoint(ids)
+
+
 @pytest.mark.parametrize("syntax,text,pattern", [
     (pb.GRAMMAR_SYNTAX_LARK, 'start: "set " ZONE " to " NUM\nZONE: "front" | "rear"\nNUM: /[1-3][0-9]/', r"set (front|rear) to [1-3][0-9]"),
     (pb.GRAMMAR_SYNTAX_GBNF, 'root ::= "fan " level\nlevel ::= [0-7]', r"fan [0-7]"),
@@ -487,3 +496,30 @@ def test_structured_config_keys_are_validated():
     for bad in ({"cache_size": 0}, {"compile_timeout_s": 0}, {"max_schema_bytes": 2**30}, {"nope": 1}):
         with pytest.raises(ConfigError, match="structured"):
             parse_config({"structured": bad})
+
+
+def test_end_of_sequence_is_allowed_only_where_the_output_is_complete(tiny_bundle):
+    """The mask bans EOS until the grammar accepts, then allows it; a finished grammar allows nothing else."""
+    import numpy as np
+    from daemon.structured_output import GrammarCompiler, GrammarSpec
+    from daemon.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_bundle)
+    (eos,) = tok.eos_token_ids
+    compiler = GrammarCompiler(tiny_bundle / "tokenizer.json", tok.eos_token_ids, tok.vocab_size)
+    state = compiler.state(compiler.compile(GrammarSpec("regex", "ab+")))
+    allowed = lambda: np.flatnonzero(np.isfinite(masked(state)))  # noqa: E731
+
+    def masked(s):
+        logits = np.zeros(tok.vocab_size + 3, np.float32)  # a model vocabulary padded past the tokenizer's
+        s.mask(logits)
+        assert np.all(np.isneginf(logits[tok.vocab_size:]))
+        return logits
+
+    assert eos not in allowed()
+    for t in (tok.token_to_id("a"), tok.token_to_id("b")):
+        state.advance(t)
+    assert eos in allowed() and not state.done  # "ab" is complete, and "abb" would be too
+    state.advance(eos)
+    assert state.done
+    state.release()
+    assert GrammarState.live == 0
