@@ -15,9 +15,12 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import llguidance
 import numpy as np
+
+if TYPE_CHECKING:  # imported where first needed, in the grammar pool: ~40 ms the daemon's start need not pay
+    import llguidance
 
 # FORMATS: the kinds a GrammarSpec may have.
 FORMATS = ("json_schema", "json_object", "regex", "lark", "gbnf", "choices", "llguidance")
@@ -48,6 +51,8 @@ class GrammarSpec:
 
 def llguidance_grammar(spec: GrammarSpec) -> str:
     """The spec as llguidance's own grammar text; GrammarError for text that cannot even be read."""
+    import llguidance
+
     if spec.kind == "json_schema":
         try:
             json.loads(spec.text)
@@ -142,6 +147,8 @@ class GrammarCompiler:
         self.hits = self.misses = 0
 
     def tokenizer(self) -> llguidance.LLTokenizer:
+        import llguidance
+
         with self._lock:
             if self._tokenizer is None:
                 text = Path(self._tokenizer_json).read_text(encoding="utf-8")
@@ -170,6 +177,8 @@ class GrammarCompiler:
         return GrammarState(compiled.deep_copy(), self.vocab_size)
 
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        import llguidance
+
         grammar = llguidance_grammar(spec)
         # llguidance reports a bad grammar as an error state, never an exception (and lets go of the GIL meanwhile).
         matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
