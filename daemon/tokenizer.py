@@ -191,7 +191,12 @@ class Tokenizer:
                 m["tool_calls"] = [template_call(c) for c in m["tool_calls"]]
             chat.append(m)
         if self.template_has_tools:
-            return chat, [t.as_template_tool() for t in tools] or None
+            template_tools = [t.as_template_tool() for t in tools] or None
+            # The template writes these outside any content, where special-token text would not be read as text.
+            for value in (template_tools, *((m.get("tool_calls"), m.get("tool_call_id")) for m in chat)):
+                if value and self._special_spans(json.dumps(value, ensure_ascii=False)):
+                    raise ValueError("tool definitions, tool calls and tool call ids may not hold special-token text")
+            return chat, template_tools
         if tools or any(m.get("tool_calls") or m.get("tool_call_id") for m in chat):
             chat = fallback_messages(chat, tools)
         return chat, None
