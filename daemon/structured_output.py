@@ -51,6 +51,13 @@ class GrammarSpec:
 
 def llguidance_grammar(spec: GrammarSpec) -> str:
     """The spec as llguidance's own grammar text; GrammarError for text that cannot even be read."""
+    try:
+        return _llguidance_grammar(spec)
+    except ValueError as e:  # what llguidance raises on input it cannot read (e.g. a schema nested too deep)
+        raise GrammarError(str(e)) from None
+
+
+def _llguidance_grammar(spec: GrammarSpec) -> str:
     import llguidance
 
     if spec.kind == "json_schema":
@@ -67,10 +74,7 @@ def llguidance_grammar(spec: GrammarSpec) -> str:
         choices = json.loads(spec.text)
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
     if spec.kind == "gbnf":
-        try:
-            return llguidance.grammar_from("gbnf", spec.text)
-        except ValueError as e:
-            raise GrammarError(str(e)) from None
+        return llguidance.grammar_from("gbnf", spec.text)
     if spec.kind == "lark":
         return llguidance.LLMatcher.grammar_from_lark(spec.text)
     if spec.kind == "llguidance":

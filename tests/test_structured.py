@@ -152,6 +152,8 @@ def test_grammar(daemon, syntax, text, pattern):
     (pb.ResponseFormat(grammar=pb.Grammar(text="start: undefined_rule")), "undefined_rule"),
     (pb.ResponseFormat(grammar=pb.Grammar(syntax=pb.GRAMMAR_SYNTAX_GBNF, text="root ::= (")), "gbnf"),
     (pb.ResponseFormat(choices=pb.Choices()), "no choices"),
+    # llguidance raises (rather than reports) on a schema nested past its recursion limit: still the client's error.
+    (pb.ResponseFormat(json_schema='{"type": "array", "items": ' * 200 + '{"type": "integer"}' + "}" * 200), "recursion limit"),
 ])
 def test_malformed_format_is_invalid_argument_before_any_prefill(daemon, fmt, message):
     prompt_tokens = daemon.engine.metrics.prompt_tokens._value.get()
