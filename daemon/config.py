@@ -161,6 +161,16 @@ class OpenAIConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Constrained decoding (response formats and tool calls; docs/structured-output.md)."""
+
+    max_schema_bytes: int = 65536  # largest JSON schema, grammar, regex or tool list (UTF-8 bytes) a request may carry
+    # A grammar that takes longer to compile is refused with INVALID_ARGUMENT (the compile runs off the event loop).
+    compile_timeout_s: float = 5.0
+    cache_size: int = 64  # compiled grammars kept, by their text (least recently used dropped first)
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -172,6 +182,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
@@ -182,12 +193,14 @@ _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_token
              "limits.max_requests_per_connection": 1, "limits.max_conversations_per_stream": 1,
              "limits.max_connections": 1, "limits.handshake_timeout_s": 0.1, "limits.idle_timeout_s": 0.1,
              "limits.max_streams_per_connection": 1, "limits.min_ping_interval_s": 0.0,
-             "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1}
+             "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1,
+             "structured.max_schema_bytes": 16, "structured.compile_timeout_s": 0.01, "structured.cache_size": 1}
 MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
 _MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS,
              # gRPC takes these as 32-bit milliseconds
              "limits.handshake_timeout_s": 86400.0, "limits.idle_timeout_s": 86400.0, "limits.min_ping_interval_s": 86400.0,
-             "limits.max_streams_per_connection": 2**31 - 1}
+             "limits.max_streams_per_connection": 2**31 - 1,
+             "structured.max_schema_bytes": 16 * 1024 * 1024, "structured.compile_timeout_s": 600.0}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("text", "json")}
 
 

@@ -9,6 +9,7 @@ turn's prompt; the event loop changes the history only when no turn is being pre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -16,9 +17,10 @@ class Turn:
     """The turn in progress: one request of the conversation, from its start until the client has its end."""
 
     request_id: str
-    messages: list[tuple[str, str]]  # a chat turn: the messages it adds (the reply is appended when it ends)
+    messages: list[tuple[str, str] | dict[str, Any]]  # a chat turn: the messages it adds (the reply is appended when it ends)
     reply_text: list[str] = field(default_factory=list)  # what was streamed to the client
     reply_ids: list[int] = field(default_factory=list)
+    reply_calls: list[dict[str, Any]] = field(default_factory=list)  # tool calls streamed (as chat templates take them)
 
 
 @dataclass(eq=False)
@@ -36,11 +38,12 @@ class Conversation:
     close_requested: bool = False
     # The history (event loop), of the turns that were answered.
     kind: str | None = None  # "chat" or "raw" (text / token ids): fixed by the first turn the engine took
-    messages: list[tuple[str, str]] = field(default_factory=list, repr=False)  # chat: every message, replies included
+    # chat: every message, replies included: (role, content), or a dict where tool calls or a tool result are in it
+    messages: list[tuple[str, str] | dict[str, Any]] = field(default_factory=list, repr=False)
     history_ids: list[int] = field(default_factory=list, repr=False)  # raw: every token, prompts and outputs
     turn: Turn | None = field(default=None, repr=False)
 
-    def begin_turn(self, request_id: str, messages: list[tuple[str, str]]) -> None:
+    def begin_turn(self, request_id: str, messages: list[tuple[str, str] | dict[str, Any]]) -> None:
         """Reserve the conversation for one turn (the caller has checked that none is running)."""
         self.turn = Turn(request_id, messages)
 
@@ -53,10 +56,11 @@ class Conversation:
         """The engine has the running turn: the first such turn fixes the conversation's kind."""
         self.kind = self.kind or kind
 
-    def record_reply(self, text: str, token_ids: list[int]) -> None:
-        """A chunk of the running turn's reply went to the client."""
+    def record_reply(self, text: str, token_ids: list[int], tool_calls: list[dict[str, Any]] = ()) -> None:
+        """A chunk of the running turn's reply went to the client (tool_calls: as chat templates take them)."""
         self.turn.reply_text.append(text)
         self.turn.reply_ids += token_ids
+        self.turn.reply_calls += tool_calls
 
     def end_turn(self, answered: bool, prompt_ids: list[int], output_ids: list[int] | None) -> None:
         """The client has the turn's end. An answered turn joins the history: for a chat its messages and the
@@ -67,6 +71,8 @@ class Conversation:
         if not answered:
             return
         if self.kind == "chat":
-            self.messages = [*self.messages, *turn.messages, ("assistant", "".join(turn.reply_text))]
+            text = "".join(turn.reply_text)
+            reply = {"role": "assistant", "content": text, "tool_calls": turn.reply_calls} if turn.reply_calls else ("assistant", text)
+            self.messages = [*self.messages, *turn.messages, reply]
         else:
             self.history_ids = [*prompt_ids, *(turn.reply_ids if output_ids is None else output_ids)]

@@ -81,7 +81,7 @@ class Engine:
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; raises QueueFullError when the queue is at its bound."""
-        seq.sampler = Sampler(seq.sampling, seq.prompt_ids)
+        seq.sampler = Sampler(seq.sampling, seq.prompt_ids, seq.grammar)
         seq.text = TextStream(self.post.detokenizer, seq.stop)
         with self._cond:
             # Requests that free slots will take at the next step are not queued behind anything: a burst
@@ -184,6 +184,8 @@ class Engine:
 
     def _report_end(self, seq: Sequence, reason: FinishReason, stop_sequence: str = "", message: str = "") -> None:
         end = self.clock()
+        if seq.sampler is not None:
+            seq.sampler.release()  # its grammar state, at once: the request object may live on a while
         started = seq.started if seq.started is not None else end
         self.metrics.requests.labels(seq.priority.name.lower(), reason.value).inc()
         self.class_metrics[seq.priority].request_duration.observe(end - seq.arrival)

@@ -173,7 +173,7 @@ class Daemon:
         info = model_info(self.bundle, self.backend.name, self.backend.slots, self.backend.kv_cache_bytes,
                           self.backend.cuda_graphs)
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
-                                        connections, stream_interval_ms)
+                                        connections, stream_interval_ms, cfg.structured)
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         self.server = grpc.aio.server(interceptors=[guard], options=grpc_server_options(cfg.limits))

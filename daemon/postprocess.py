@@ -51,7 +51,7 @@ class Outbox:
         self.events: list[tuple[Sequence, TokenEvent | FinishEvent]] = []
 
     def emit(self, seq: Sequence, event: TokenEvent, now: float) -> None:
-        if not (event.token_ids or event.text):
+        if not (event.token_ids or event.text or event.tool_calls):
             return
         if not seq.stream_interval:
             self.events.append((seq, event))
@@ -62,6 +62,7 @@ class Outbox:
         else:
             pending.token_ids += event.token_ids
             pending.text += event.text
+            pending.tool_calls += event.tool_calls
             if event.logprobs:
                 pending.logprobs = [*(pending.logprobs or ()), *event.logprobs]
         if seq.last_chunk_at is None or now - seq.last_chunk_at >= seq.stream_interval:
@@ -121,17 +122,33 @@ class Postprocessor:
         seq.output_ids.append(token)
         self.metrics.generated_tokens.inc()
         if not seq.ignore_eos and token in self.eos_ids:
-            self.outbox.emit(seq, TokenEvent([], self._text(seq, None)), now)
+            self.outbox.emit(seq, self._event(seq, [], self._text(seq, None), final=True), now)
             return Ending(FinishReason.STOP)
         delta, stopped = self._text(seq, token)
         lp = [(token, logprob, top)] if seq.sampling.logprobs else None
-        self.outbox.emit(seq, TokenEvent([token], delta, lp), now)
         if stopped:
+            self.outbox.emit(seq, self._event(seq, [token], delta, lp, final=True), now)
             return Ending(FinishReason.STOP, seq.text.stopped_by or "")
+        grammar = seq.sampler.grammar
+        if grammar is not None and grammar.done:  # the format allows nothing more: complete, and it ends here
+            self.outbox.emit(seq, self._event(seq, [token], delta + self._text(seq, None), lp, final=True), now)
+            return Ending(FinishReason.STOP)
         if len(seq.output_ids) >= seq.max_new_tokens or seq.cached >= self.context_length:
-            self.outbox.emit(seq, TokenEvent([], self._text(seq, None)), now)
+            self.outbox.emit(seq, self._event(seq, [token], delta + self._text(seq, None), lp, final=True), now)
             return Ending(FinishReason.LENGTH)
+        self.outbox.emit(seq, self._event(seq, [token], delta, lp), now)
         return None
+
+    @staticmethod
+    def _event(seq: Sequence, ids: list[int], delta: str, lp=None, final: bool = False) -> TokenEvent:
+        """The event for new tokens and their text; with tools, call markup in the text becomes ToolCalls."""
+        if seq.tool_calls is None:
+            return TokenEvent(ids, delta, lp)
+        try:
+            text, calls = seq.tool_calls.read(delta, final)
+        except Exception as e:
+            raise StageFailure("reading tool calls", e) from e
+        return TokenEvent(ids, text, lp, calls)
 
     @staticmethod
     def _text(seq: Sequence, token: int | None):

@@ -76,7 +76,8 @@ def duration(seconds: float) -> Duration:
 
 
 def token_message(ev: TokenEvent) -> pb.TokenChunk:
-    chunk = pb.TokenChunk(token_ids=ev.token_ids, text=ev.text)
+    chunk = pb.TokenChunk(token_ids=ev.token_ids, text=ev.text,
+                          tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in ev.tool_calls])
     for token, logprob, top in ev.logprobs or ():
         chunk.logprobs.append(pb.TokenLogprob(token_id=token, logprob=logprob,
                                               top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top]))

@@ -17,11 +17,13 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from daemon.config import MAX_STREAM_INTERVAL_MS, GenerationConfig, LimitsConfig
+from daemon.config import MAX_STREAM_INTERVAL_MS, GenerationConfig, LimitsConfig, StructuredConfig
 from daemon.conversation import Conversation
 from daemon.sampling import SamplingParams
 from daemon.sequence import Priority, Sequence
+from daemon.structured_output import GrammarCompiler, GrammarError, GrammarSpec, GrammarState
 from daemon.tokenizer import Tokenizer
+from daemon.tool_calls import Tool, ToolCallReader, call_grammar, parse_tools
 from edgellm.v1 import edgellm_pb2 as pb
 
 log = logging.getLogger("edgellm.server")
@@ -70,7 +72,7 @@ def prompt_byte_limit(tokenizer: Tokenizer, max_tokens: int, normalizes: bool) -
 def has_normalizer(tokenizer_json: Path) -> bool:
     """Whether tokenizer.json normalizes text before splitting it (unknown: assume it does)."""
     try:
-        return json.loads(tokenizer_json.read_text(encoding="utf-8")).get("normalizer") is not None
+        return json.loads(Path(tokenizer_json).read_text(encoding="utf-8")).get("normalizer") is not None
     except (OSError, ValueError, AttributeError):
         return True
 
@@ -104,12 +106,61 @@ def _invalid(message: str) -> RequestRejected:
     return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def chat_message(m: pb.ChatMessage) -> tuple[str, str] | dict:
+    """A chat message as the tokenizer renders it: (role, content), or a dict with its tool call id or calls."""
+    if not (m.tool_call_id or m.tool_calls):
+        return m.role, m.content
+    d = {"role": m.role, "content": m.content}
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+    return d
+
+
+_GRAMMAR_SYNTAX = {pb.GRAMMAR_SYNTAX_UNSPECIFIED: "lark", pb.GRAMMAR_SYNTAX_LARK: "lark", pb.GRAMMAR_SYNTAX_GBNF: "gbnf"}
+
+
+def format_spec(f: pb.ResponseFormat) -> GrammarSpec | None:
+    """The request's response format as a GrammarSpec (None: unconstrained)."""
+    kind = f.WhichOneof("format")
+    if kind == "json_schema":
+        return GrammarSpec("json_schema", f.json_schema)
+    if kind == "json_object":
+        return GrammarSpec("json_object", "") if f.json_object else None
+    if kind == "regex":
+        return GrammarSpec("regex", f.regex)
+    if kind == "grammar":
+        if f.grammar.syntax not in _GRAMMAR_SYNTAX:
+            raise _invalid(f"unknown grammar syntax {f.grammar.syntax}")
+        return GrammarSpec(_GRAMMAR_SYNTAX[f.grammar.syntax], f.grammar.text)
+    if kind == "choices":
+        if not f.choices.choices:
+            raise _invalid("response_format.choices has no choices")
+        return GrammarSpec("choices", json.dumps(list(f.choices.choices)))
+    return None
+
+
+def structured_bytes(req: pb.GenerateRequest) -> int:
+    """The UTF-8 bytes of the request's format and tool definitions (bounded by structured.max_schema_bytes)."""
+    f = req.response_format
+    n = sum(map(utf8_length, (f.json_schema, f.regex, f.grammar.text, *f.choices.choices)))
+    return n + sum(utf8_length(t.name) + utf8_length(t.description) + utf8_length(t.parameters_json_schema)
+                   for t in req.tools)
+
+
 class RequestPreparer:
     """Validates requests against the server's limits and builds their Sequences, with the server's defaults."""
 
     def __init__(self, tokenizer: Tokenizer, context_length: int, generation: GenerationConfig, limits: LimitsConfig,
-                 tokenizer_json: Path, default_stream_interval_ms: int = 0):
+                 tokenizer_json: Path, default_stream_interval_ms: int = 0, structured: StructuredConfig | None = None):
         self.tokenizer = tokenizer
+        self.structured = structured or StructuredConfig()
+        # Read on first need (a request with a format or tools), in the grammar pool: never at start or on the loop.
+        self.grammars = GrammarCompiler(tokenizer_json, tokenizer.eos_token_ids, tokenizer.vocab_size,
+                                        self.structured.cache_size)
+        # One thread: a slow compile holds up other compiles only, never tokenizing.
+        self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgellm-grammar")
         self.context_length = context_length
         self.generation = generation
         self.limits = limits
@@ -157,7 +208,15 @@ class RequestPreparer:
         interval_ms = req.stream_interval_ms if req.HasField("stream_interval_ms") else self.default_stream_interval_ms
         if interval_ms > MAX_STREAM_INTERVAL_MS:
             raise _invalid(f"stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {interval_ms}")
-        ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._prompt_ids, req, conversation)
+        if structured_bytes(req) > self.structured.max_schema_bytes:
+            raise _invalid(f"the response format and tools have {structured_bytes(req)} bytes; this server accepts at "
+                           f"most {self.structured.max_schema_bytes} (structured.max_schema_bytes)")
+        loop = asyncio.get_running_loop()
+        tools, spec = [], None
+        if req.tools or req.HasField("response_format") or req.HasField("tool_choice"):
+            tools, spec = await loop.run_in_executor(self._pool, self._output_format, req)
+        grammar = await self._grammar_state(spec) if spec is not None else None
+        ids = await loop.run_in_executor(self._pool, self._prompt_ids, req, conversation, tools)
         ctx = self.context_length
         if self.limits.max_prompt_tokens and len(ids) > self.limits.max_prompt_tokens:
             raise _invalid(f"the prompt has {len(ids)} tokens; this server accepts at most {self.limits.max_prompt_tokens} (limits.max_prompt_tokens)")
@@ -171,7 +230,57 @@ class RequestPreparer:
             max_new = min(gen.default_max_new_tokens, ctx - len(ids))
         return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
                         priority=PRIORITIES[req.priority], conversation=conversation,
-                        stream_interval=interval_ms / 1000)
+                        stream_interval=interval_ms / 1000, grammar=grammar,
+                        tool_calls=ToolCallReader() if tools and self._reads_calls(req) else None)
+
+    # ---- the output's format --------------------------------------------------------------------------
+    def _output_format(self, req: pb.GenerateRequest) -> tuple[list[Tool], GrammarSpec | None]:
+        """The tools shown to the model and the grammar of its reply (in the pool: tool schemas are parsed)."""
+        spec = format_spec(req.response_format) if req.HasField("response_format") else None
+        choice = req.tool_choice.WhichOneof("choice")
+        mode = {pb.TOOL_CHOICE_MODE_UNSPECIFIED: "auto", pb.TOOL_CHOICE_MODE_AUTO: "auto",
+                pb.TOOL_CHOICE_MODE_NONE: "none", pb.TOOL_CHOICE_MODE_REQUIRED: "required"}.get(
+            req.tool_choice.mode) if choice != "function" else "function"
+        if mode is None:
+            raise _invalid(f"unknown tool_choice mode {req.tool_choice.mode}")
+        if not req.tools:
+            if mode in ("required", "function"):
+                raise _invalid(f"tool_choice {mode} needs tools")
+            return [], spec
+        if req.WhichOneof("prompt") != "chat":
+            raise _invalid("tools need a chat prompt (the chat template shows them to the model)")
+        try:
+            tools = parse_tools([(t.name, t.description, t.parameters_json_schema) for t in req.tools])
+        except ValueError as e:
+            raise _invalid(str(e)) from None
+        if mode == "none":  # still shown: the prompt (and a conversation's cached prefix) stays the same
+            return tools, spec
+        if spec is not None:
+            raise _invalid("response_format and tools cannot be combined (set tool_choice none to use the format)")
+        callable_tools = tools  # all of them are shown to the model either way: the prompt does not change with the choice
+        if mode == "function":
+            callable_tools = [t for t in tools if t.name == req.tool_choice.function]
+            if not callable_tools:
+                raise _invalid(f"tool_choice names {req.tool_choice.function!r}, which is not among the tools")
+        return tools, call_grammar(callable_tools, mode)
+
+    @staticmethod
+    def _reads_calls(req: pb.GenerateRequest) -> bool:
+        return bool(req.tools) and req.tool_choice.mode != pb.TOOL_CHOICE_MODE_NONE
+
+    async def _grammar_state(self, spec: GrammarSpec) -> GrammarState:
+        """A state at the start of spec's grammar, compiled (or found in the cache) in the grammar pool."""
+        timeout = self.structured.compile_timeout_s
+        future = self._grammar_pool.submit(self.grammars.compile, spec)
+        try:
+            compiled = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            raise _invalid(f"compiling the {spec.describe()} took longer than {timeout:g}s (structured.compile_timeout_s)") from None
+        except GrammarError as e:
+            raise _invalid(f"invalid {spec.describe()}: {e}") from None
+        except Exception as e:
+            raise internal(f"compiling the {spec.describe()}", e) from e
+        return self.grammars.state(compiled)
 
     # ---- the prompt (in the pool) -------------------------------------------------------------------
     def _check_size(self, nbytes: int, what: str) -> None:
@@ -185,16 +294,16 @@ class RequestPreparer:
         except Exception as e:
             raise internal("tokenizing the prompt", e) from e
 
-    def _encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    def _encode_chat(self, messages: list, tools: list[Tool]) -> list[int]:
         """The chat rendered by the model's template and tokenized; message contents can forge no control token."""
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools=tools)
         except ValueError as e:  # the client's messages: an unknown role, what the template refuses
             raise _invalid(str(e)) from None
         except Exception as e:
             raise internal("rendering and tokenizing the chat", e) from e
 
-    def _prompt_ids(self, req: pb.GenerateRequest, conv: Conversation | None) -> list[int]:
+    def _prompt_ids(self, req: pb.GenerateRequest, conv: Conversation | None, tools: list[Tool] = ()) -> list[int]:
         """The request's prompt as token ids (for a conversation turn: its whole history)."""
         kind = req.WhichOneof("prompt")
         if conv is not None and conv.kind is not None and (kind == "chat") != (conv.kind == "chat"):
@@ -217,9 +326,10 @@ class RequestPreparer:
             if len(req.chat.messages) > self.prompt_token_limit:
                 raise _invalid(f"the chat has {len(req.chat.messages)} messages; a prompt of at most {self.prompt_token_limit} tokens cannot hold them")
             # The template writes each message's content into the prompt: content this long cannot fit either.
-            self._check_size(sum(utf8_length(m.content) for m in req.chat.messages), "the chat's content")
+            self._check_size(sum(utf8_length(m.content) + sum(utf8_length(c.arguments) for c in m.tool_calls)
+                                 for m in req.chat.messages), "the chat's content")
             earlier = conv.messages if conv is not None else []
-            return self._encode_chat([*earlier, *((m.role, m.content) for m in req.chat.messages)])
+            return self._encode_chat([*earlier, *map(chat_message, req.chat.messages)], tools)
         if kind == "token_ids":
             ctx = self.context_length
             if len(req.token_ids.ids) >= ctx:  # before looking at each id: checking millions holds the GIL for long

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from daemon.structured_output import GrammarState
 
 MAX_LOGPROBS = 20
 # Far past any useful setting (at 100 the distribution is all but uniform, a penalty of 100 all but bans a token);
@@ -46,11 +50,14 @@ class SamplingParams:
 
 
 class Sampler:
-    """Samples one request's tokens; owns its RNG and the set of token ids seen so far (for the penalty)."""
+    """Samples one request's tokens; owns its RNG, the set of token ids seen so far (for the penalty) and the
+    request's grammar state, if its output is constrained."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (),
+                 grammar: GrammarState | None = None) -> None:
         params.validate()
         self.params = params
+        self.grammar = grammar  # bans, per row, the tokens that cannot continue the output's format
         self.rng = np.random.default_rng(params.seed)
         self._pending: list[int] = list(prompt_ids) if params.repetition_penalty != 1.0 else []
         self._n_generated = 0  # how much of generated_ids has been folded into the seen set
@@ -75,15 +82,25 @@ class Sampler:
             # Logprobs report the model's own distribution, so take them before penalties and temperature.
             np.copyto(self._raw, logits)
             lse = self._logsumexp(self._raw)
+        if self.grammar is not None:
+            self.grammar.mask(logits)  # banned tokens at -inf: every step below gives them weight 0
         if p.repetition_penalty != 1.0:
             self._penalize(logits, generated_ids)
         token = int(np.argmax(logits)) if p.temperature < GREEDY_TEMPERATURE else self._draw(logits)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if lse is None:
             return token, None, []
         raw = self._raw
         top = np.argpartition(raw, raw.shape[0] - p.logprobs)[raw.shape[0] - p.logprobs:]
         top = top[np.argsort(-raw[top], kind="stable")]
         return token, float(raw[token]) - lse, [(int(i), float(raw[i]) - lse) for i in top]
+
+    def release(self) -> None:
+        """The request ended: free its grammar state."""
+        if self.grammar is not None:
+            self.grammar.release()
+            self.grammar = None
 
     def _allocate(self, vocab: int) -> None:
         self._buf = np.empty(vocab, np.float32)

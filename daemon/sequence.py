@@ -14,6 +14,8 @@ from daemon.conversation import Conversation
 
 if TYPE_CHECKING:  # the scheduler imports this module and stays free of numpy
     from daemon.sampling import Sampler, SamplingParams
+    from daemon.structured_output import GrammarState
+    from daemon.tool_calls import ToolCallReader
     from daemon.text_stream import TextStream
 
 
@@ -47,6 +49,7 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    tool_calls: list = field(default_factory=list)  # daemon.tool_calls.ToolCall completed by these tokens
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Sequence:
     priority: Priority = Priority.NORMAL
     conversation: Conversation | None = None
     stream_interval: float = 0.0  # seconds between chunks after the first token; 0: every token at once
+    grammar: GrammarState | None = None  # the output's format (handed to the sampler at submit)
+    tool_calls: ToolCallReader | None = None  # a request with tools: turns the output's call markup into ToolCalls
     # Engine state.
     slot: int | None = None
     cached: int = 0  # tokens of prompt_ids + output_ids whose K/V are in the slot

@@ -18,7 +18,7 @@ import grpc
 
 from bundle_format.bundle import Bundle
 from daemon.access import Connections, Peer
-from daemon.config import GenerationConfig, LimitsConfig
+from daemon.config import GenerationConfig, LimitsConfig, StructuredConfig
 from daemon.conversation import Conversation
 from daemon.request_log import ThrottledLog, log_request
 from daemon.request import Failure, Malformed, Request
@@ -73,7 +73,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, bundle: Bundle, generation: GenerationConfig,
                  model_info: pb.ModelInfo, limits: LimitsConfig | None = None, connections: Connections | None = None,
-                 stream_interval_ms: int = 0):
+                 stream_interval_ms: int = 0, structured: StructuredConfig | None = None):
         """model_info: what GetModel reports but the default stream interval, `stream_interval_ms` (resolved)."""
         self.engine = engine
         self.generation = generation
@@ -83,7 +83,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.limits = limits or LimitsConfig()
         self.connections = connections or Connections()
         self.preparer = RequestPreparer(tokenizer, engine.context_length, generation, self.limits,
-                                        bundle.path / "tokenizer.json", stream_interval_ms)
+                                        bundle.path / "tokenizer.json", stream_interval_ms, structured)
         self.draining = False  # set on SIGTERM: new requests are refused with UNAVAILABLE
         self.live: set[Sequence] = set()  # submitted and not finished (event loop only)
         self.all_done = asyncio.Event()  # set while `live` is empty

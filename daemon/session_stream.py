@@ -16,8 +16,9 @@ import grpc
 
 from daemon.conversation import Conversation
 from daemon.request import Failure, Malformed, Request, duration
-from daemon.request_prep import RequestRejected, internal
+from daemon.request_prep import RequestRejected, chat_message, internal
 from daemon.sequence import FinishEvent, TokenEvent
+from daemon.tool_calls import template_call
 from edgellm.v1 import edgellm_pb2 as pb
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class SessionStream:
         try:
             kind, body = r.response(ev)
             if kind == "tokens" and r.conversation is not None:
-                r.conversation.record_reply(ev.text, ev.token_ids)
+                r.conversation.record_reply(ev.text, ev.token_ids, [template_call(c) for c in ev.tool_calls])
         except Exception as e:
             self.service.fail(r, "building the response", e)
             return None
@@ -188,7 +189,7 @@ class SessionStream:
             raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"no open conversation {msg.conversation_id!r} on this stream")
         if conv.turn is not None:
             raise RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, f"conversation {msg.conversation_id!r} is still answering request {conv.turn.request_id!r}")
-        conv.begin_turn(rid, [(m.role, m.content) for m in msg.request.chat.messages])
+        conv.begin_turn(rid, [chat_message(m) for m in msg.request.chat.messages])
         return conv
 
     def _cancel(self, rid: str) -> None:

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta as jinja2meta
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from daemon.tool_calls import Tool, fallback_messages, template_call
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -91,6 +94,9 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
+        # The variables the template reads (does it take `tools`?).
+        self._template_names = jinja2meta.find_undeclared_variables(
+            self._template.environment.parse(chat_template)) if chat_template else set()
         # Template globals: every named special token (bos_token, eos_token, pad_token, ...), as transformers passes.
         self._template_vars = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self._template_vars.update(bos_token=bos_token or "", eos_token=eos_token or "")
@@ -139,33 +145,41 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template reads the `tools` variable (else tools go in by the system-prompt fallback)."""
+        return self._template is not None and "tools" in self._template_names
+
     def render_chat(self, messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]],
-                    add_generation_prompt: bool = True) -> str:
+                    add_generation_prompt: bool = True, tools: Sequence[Tool] = ()) -> str:
         """The prompt text for messages ((role, content) pairs or dicts), rendered by the model's template."""
-        return self._render(self._chat(messages), add_generation_prompt)
+        chat, template_tools = self._chat(messages, tools)
+        return self._render(chat, add_generation_prompt, template_tools)
 
     def encode_chat(self, messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]],
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, tools: Sequence[Tool] = ()) -> list[int]:
         """Ids of the rendered chat, in which only the template's own markup yields special tokens.
 
         Special-token text inside a message's content (a forged "<|im_end|>", "<|start_header_id|>", "[INST]") is
         tokenized as plain text, so a message cannot close its turn or open another. A chat without such text gets
         exactly encode(render_chat(messages)), i.e. what transformers' apply_chat_template gives.
         """
-        chat = self._chat(messages)
+        chat, template_tools = self._chat(messages, tools)
         found = [self._special_spans(m.get("content")) for m in chat]
         if not any(found):
-            return self.encode(self._render(chat, add_generation_prompt))
+            return self.encode(self._render(chat, add_generation_prompt, template_tools))
         # Render with each special-token text of the contents swapped for a placeholder: mark, its number, mark.
         mark = self._content_marker(chat)
         forged: list[str] = []  # the special-token texts, by number
         for m, spans in zip(chat, found):
             if spans:
                 m["content"] = self._swap_out(m["content"], spans, mark, forged)
-        text, spans = self._swap_in(self._render(chat, add_generation_prompt), mark, forged)
+        text, spans = self._swap_in(self._render(chat, add_generation_prompt, template_tools), mark, forged)
         return self._with_bos(self._encode_with_plain_spans(text, spans))
 
-    def _chat(self, messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def _chat(self, messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]],
+              tools: Sequence[Tool] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages as the template takes them, and its `tools` variable (None: in the messages, or none)."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         chat = []
@@ -173,12 +187,24 @@ class Tokenizer:
             m = {"role": m[0], "content": m[1]} if isinstance(m, tuple) else dict(m)
             if m.get("role") not in CHAT_ROLES:
                 raise ValueError(f"unknown chat role {m.get('role')!r} (allowed: {', '.join(CHAT_ROLES)})")
+            if m.get("tool_calls"):
+                m["tool_calls"] = [template_call(c) for c in m["tool_calls"]]
             chat.append(m)
-        return chat
+        if self.template_has_tools:
+            template_tools = [t.as_template_tool() for t in tools] or None
+            # The template writes these outside any content, where special-token text would not be read as text.
+            for value in (template_tools, *((m.get("tool_calls"), m.get("tool_call_id")) for m in chat)):
+                if value and self._special_spans(json.dumps(value, ensure_ascii=False)):
+                    raise ValueError("tool definitions, tool calls and tool call ids may not hold special-token text")
+            return chat, template_tools
+        if tools or any(m.get("tool_calls") or m.get("tool_call_id") for m in chat):
+            chat = fallback_messages(chat, tools)
+        return chat, None
 
-    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return self._template.render(messages=chat, tools=None, documents=None,
+            return self._template.render(messages=chat, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._template_vars)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
