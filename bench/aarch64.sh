@@ -9,6 +9,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${AARCH64_ROOT:-$HOME/.cache/edgellm/aarch64-root}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The emulated CPU: Neoverse N1 (Graviton2, Ampere Altra; NEON and dot-product int8, as on Jetson Orin's
+# Cortex-A78AE). QEMU_CPU=max adds i8mm, SVE and the rest that qemu knows.
+QEMU_CPU=${QEMU_CPU:-neoverse-n1}
 PYTEST_ARGS=(-m aarch64)
 case "${1:-}" in
     --all) PYTEST_ARGS=() ;;
@@ -46,6 +49,14 @@ cleanup() { for m in "${mounts[@]}"; do umount -l "$m" 2>/dev/null || true; done
 trap cleanup EXIT
 bind() { mkdir -p "$2"; mountpoint -q "$2" || { mount --bind "$1" "$2"; mounts=("$2" "${mounts[@]}"); }; }
 bind /proc "$ROOT/proc"; bind /sys "$ROOT/sys"; bind /dev "$ROOT/dev"
+# qemu 7.2 shows the host's (x86) /proc/cpuinfo to the emulated programs, and ONNX Runtime's cpuinfo library
+# crashes parsing it as arm64: give them an arm64 one for the emulated core (its features come from qemu's HWCAP).
+cpuinfo=$ROOT/tmp/edgellm-cpuinfo
+: > "$cpuinfo"
+for n in $(seq 0 $(( $(nproc) - 1 ))); do
+    printf 'processor\t: %d\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' "$n" >> "$cpuinfo"
+done
+mount --bind "$cpuinfo" "$ROOT/proc/cpuinfo"; mounts=("$ROOT/proc/cpuinfo" "${mounts[@]}")
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # The host's CA bundle, so that pip inside the root trusts what the host trusts (e.g. an egress proxy's CA).
 HOST_CA=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
@@ -58,7 +69,7 @@ rm -rf "$ROOT/edgellm.new" && mkdir -p "$ROOT/edgellm.new"
 [ -d "$ROOT/edgellm/.cache" ] && mv "$ROOT/edgellm/.cache" "$ROOT/edgellm.new/.cache"
 rm -rf "$ROOT/edgellm" && mv "$ROOT/edgellm.new" "$ROOT/edgellm"
 
-run_in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+run_in_root() { chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
     PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt ${PIP_INDEX_URL:+PIP_INDEX_URL=$PIP_INDEX_URL} \
@@ -67,7 +78,7 @@ step "pip install -e '.[test]' inside the arm64 root"
 run_in_root "cd /edgellm && { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q -e '.[test]'"
 
 step "CPU as ONNX Runtime sees it under emulation"
-run_in_root "cd /edgellm && uname -m && .venv/bin/python -c 'import platform, onnxruntime as ort; print(platform.machine(), ort.__version__, ort.get_device())' && grep -m1 -i '^Features' /proc/cpuinfo || true"
+run_in_root "cd /edgellm && .venv/bin/python bench/aarch64_cpu.py"
 
 step "pytest ${PYTEST_ARGS[*]:-(whole suite)}"
 start=$(date +%s)
