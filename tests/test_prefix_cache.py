@@ -19,6 +19,7 @@ from daemon.engine import Engine
 from daemon.prefix_cache import (SNAPSHOT_NAME, PrefixCache, SnapshotWriter, create_prefix_cache, namespace,
                                  request_scope)
 from daemon.sequence import Priority
+from edgellm.v1 import edgellm_pb2 as pb
 from test_engine import MAX_SEQ, Clock, FakeBackend, FakeTokenizer, alone, run, seq
 
 SCOPE = request_scope("shared", None, "")
@@ -316,3 +317,176 @@ def test_copied_blocks_then_rest_match_a_full_prefill(tmp_path, arch):
         a.append(int(la.argmax()))
         b.append(int(lb.argmax()))
     assert a == b
+
+
+# ---- real daemons -----------------------------------------------------------------------------------------
+class PersistentDaemon(DaemonThread):
+    """A DaemonThread whose prefix cache is made as run_daemon makes it: snapshot loaded, warm prompts prefilled."""
+
+    def start(self) -> "PersistentDaemon":
+        from daemon.backend_onnx import create_cpu_backend
+        from daemon.lifecycle import Daemon, prepare_prefix_cache, warm_up
+        from daemon.tokenizer import Tokenizer
+
+        self._thread.start()
+        tokenizer = Tokenizer.from_dir(self.bundle.path, extra_eos_ids=self.bundle.model["eos_token_ids"])
+        backend = create_cpu_backend(self.bundle, self.config.engine.slots, threads=1)
+        warm_up(backend, self.config.engine.slots)
+        cache = prepare_prefix_cache(self.config, self.bundle, backend, tokenizer)
+        self.daemon = Daemon(self.config, self.bundle, tokenizer, backend, prefix_cache=cache)
+        asyncio.run_coroutine_threadsafe(self.daemon.start(), self.loop).result(30)
+        return self
+
+
+def daemon_config(tmp_path: Path, **prefix) -> dict:
+    return {"listen": {"unix": str(tmp_path / "edgellm.sock")}, "engine": {"slots": 2},
+            "prefix_cache": {"block_tokens": 16, "dir": str(tmp_path / "prefix"), **prefix}}
+
+
+PROMPT = list(range(5, 65))  # 60 tokens: 3 blocks of 16 reusable (the last token is always prefilled)
+
+
+def test_daemon_reuses_a_prompt_across_requests_with_the_same_output(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, daemon_config(tmp_path)).start()
+    try:
+        stub = d.stub()
+        cold = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        warm = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        assert cold[2].usage.cached_prompt_tokens == 0 and warm[2].usage.cached_prompt_tokens == 48
+        assert warm[0] == cold[0]
+        salted = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True, cache_salt="t1")
+        assert salted[2].usage.cached_prompt_tokens == 0  # another salt: the shared blocks are not its
+        again = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True, cache_salt="t1")
+        assert again[2].usage.cached_prompt_tokens == 48 and again[0] == cold[0]
+        m = d.engine.metrics
+        assert m.prefix_cache_hits._value.get() == 2 and m.prefix_cache_misses._value.get() == 2
+        assert m.prefix_cache_tokens._value.get() == 96
+        with pytest.raises(grpc.RpcError) as e:
+            generate(stub, token_ids=pb.TokenIds(ids=PROMPT), cache_salt="s" * 257)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.value.details()
+    finally:
+        d.stop()
+    assert not (tmp_path / "prefix").exists()  # a daemon not started by run_daemon keeps its cache in memory
+
+
+def test_scope_off_disables_the_cache(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, daemon_config(tmp_path, scope="off")).start()
+    try:
+        for _ in range(2):
+            _, _, fin = generate(d.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=2)
+            assert fin.usage.cached_prompt_tokens == 0
+        assert d.daemon.prefix_cache is None
+    finally:
+        d.stop()
+
+
+def test_the_cache_survives_a_restart(tiny_bundle, tmp_path):
+    first = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, save_interval_s=3600)).start()
+    try:
+        cold = generate(first.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+    finally:
+        first.stop()  # writes the snapshot
+    snapshot = tmp_path / "prefix" / SNAPSHOT_NAME
+    assert snapshot.exists() and (tmp_path / "prefix").stat().st_mode & 0o777 == 0o700
+    second = PersistentDaemon(tiny_bundle, daemon_config(tmp_path)).start()
+    try:
+        assert second.daemon.prefix_cache.blocks == 3
+        warm = generate(second.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        assert warm[2].usage.cached_prompt_tokens == 48 and warm[0] == cold[0]
+    finally:
+        second.stop()
+
+
+def test_warm_prompts_are_cached_before_serving(tiny_bundle, tmp_path):
+    from daemon.tokenizer import Tokenizer
+
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+    d = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, warm=[text], persist=False)).start()
+    try:
+        n = len(Tokenizer.from_dir(tiny_bundle).encode(text))
+        assert n > 32 and d.daemon.prefix_cache.blocks == n // 16
+        _, _, fin = generate(d.stub(), text=text, max_new_tokens=2)
+        assert fin.usage.cached_prompt_tokens == min(n // 16, (n - 1) // 16) * 16 > 0
+    finally:
+        d.stop()
+    assert not (tmp_path / "prefix").exists()  # persist: false
+
+
+# ---- the TensorRT backend's copies, on a fake pycuda over host memory (tests/gpu has the real one) ---------
+class FakeDeviceMemory:
+    """Device memory as one host byte array, at a fake base address; Memcpy2D as pycuda documents it."""
+
+    BASE = 1 << 32
+
+    def __init__(self, nbytes: int):
+        self.bytes = np.zeros(nbytes, np.uint8)
+        mem = self
+
+        class Memcpy2D:
+            def set_src_device(self, ptr):
+                self.src = ("device", int(ptr) - mem.BASE)
+
+            def set_src_host(self, buf):
+                assert buf.flags.c_contiguous
+                self.src = ("host", buf)
+
+            def set_dst_device(self, ptr):
+                self.dst = ("device", int(ptr) - mem.BASE)
+
+            def set_dst_host(self, buf):
+                assert buf.flags.c_contiguous
+                self.dst = ("host", buf)
+
+            def __call__(self, stream=None):
+                for row in range(self.height):
+                    src = self._bytes(self.src, row * self.src_pitch)
+                    dst = self._bytes(self.dst, row * self.dst_pitch)
+                    dst[:] = src
+
+            def _bytes(self, side, offset):
+                kind, where = side
+                raw = mem.bytes[where:] if kind == "device" else where.reshape(-1).view(np.uint8)
+                return raw[offset:offset + self.width_in_bytes]
+
+        self.Memcpy2D = Memcpy2D
+
+
+def test_tensorrt_block_copies_address_the_right_positions():
+    import threading
+    import types
+
+    from daemon.backend_trt import TrtBackend
+
+    layout = KvCacheLayout(num_layers=2, num_kv_heads=3, max_seq=24, head_dim=4, dtype="float16")
+    slots = 3
+    row = layout.num_kv_heads * layout.max_seq * layout.head_dim  # elements of one layer's K of one slot
+    mem = FakeDeviceMemory(2 * layout.num_layers * slots * row * 2)
+    # What the device holds, as the engine lays it out: per layer and K/V one [slots, kv_heads, max_seq, head_dim].
+    arrays = {}
+    backend = object.__new__(TrtBackend)
+    backend._cuda, backend.layout, backend.slots = mem, layout, slots
+    backend._row_bytes = row * 2
+    backend._ctx_threads = {threading.get_ident()}
+    backend.stream = types.SimpleNamespace(synchronize=lambda: None)
+    backend._cache = {}
+    at = 0
+    rng = np.random.default_rng(0)
+    for i in range(layout.num_layers):
+        for kind in ("key", "value"):
+            view = mem.bytes[at:at + slots * row * 2].view(np.float16).reshape(slots, 3, 24, 4)
+            view[:] = rng.standard_normal(view.shape)
+            arrays[i, kind] = view
+            backend._cache[i, kind] = mem.BASE + at
+            at += slots * row * 2
+    kv = backend.read_kv(1, 5, 13)
+    assert kv.shape == (2, 2, 3, 8, 4) and kv.dtype == np.float16
+    for i in range(2):
+        np.testing.assert_array_equal(kv[i, 0], arrays[i, "key"][1, :, 5:13])
+        np.testing.assert_array_equal(kv[i, 1], arrays[i, "value"][1, :, 5:13])
+    before = {k: a.copy() for k, a in arrays.items()}
+    backend.write_kv(2, 16, kv)
+    for (i, kind), a in arrays.items():
+        np.testing.assert_array_equal(a[2, :, 16:24], kv[i, 0 if kind == "key" else 1])
+        outside = np.ones(a.shape, bool)
+        outside[2, :, 16:24] = False
+        np.testing.assert_array_equal(a[outside], before[i, kind][outside])  # nothing else written
