@@ -80,7 +80,11 @@ class PrefixCache:
         self.max_disk_bytes = max_disk_bytes
         self._blocks: OrderedDict[bytes, np.ndarray] = OrderedDict()  # oldest first
         self._lock = threading.Lock()  # the map: the engine thread changes it, a snapshot copies it
-        self.generation = 0  # bumped by every new block: a snapshot is due when it moved
+        # Blocks that served a hit (or came from a snapshot or a warm prompt): only these are written to disk. A
+        # one-off prompt's blocks stay in memory, so a device whose every request differs past its system prompt
+        # does not rewrite its snapshot (and wear its flash) for blocks that are never reused.
+        self._proven: set[bytes] = set()
+        self.generation = 0  # bumped when a block is first proven: a snapshot is due when it moved
         self._saved_generation = 0
         self.hits = self.misses = self.evictions = self.hit_tokens = 0
         self._metrics: EngineMetrics | None = None
@@ -118,6 +122,9 @@ class PrefixCache:
                     break
                 self._blocks.move_to_end(key)
                 found.append(block)
+                if key not in self._proven:
+                    self._proven.add(key)
+                    self.generation += 1
         if found:
             self.hits += 1
             self.hit_tokens += len(found) * self.block_tokens
@@ -128,9 +135,10 @@ class PrefixCache:
             self._metrics.prefix_cache_tokens.inc(len(found) * self.block_tokens)
         return found
 
-    def store(self, ids: Sequence[int], tokens: int, scope: bytes, read: Callable[[int, int], np.ndarray]) -> int:
+    def store(self, ids: Sequence[int], tokens: int, scope: bytes, read: Callable[[int, int], np.ndarray],
+              proven: bool = False) -> int:
         """Keep the full blocks within the first `tokens` of ids that are not cached yet, read(start, end) giving
-        their K/V (fresh host arrays); returns how many were added."""
+        their K/V (fresh host arrays); returns how many were added. `proven`: worth a place on disk already."""
         if self.max_blocks == 0:
             return 0
         keys = list(self.keys(ids, tokens, scope))
@@ -147,25 +155,28 @@ class PrefixCache:
         kv = read(first * b, (last + 1) * b)
         added = 0
         for i in missing:
-            added += self._insert(keys[i], kv[:, :, :, (i - first) * b:(i - first + 1) * b].copy())
+            added += self._insert(keys[i], kv[:, :, :, (i - first) * b:(i - first + 1) * b].copy(), proven)
         return added
 
-    def _insert(self, key: bytes, block: np.ndarray) -> int:
+    def _insert(self, key: bytes, block: np.ndarray, proven: bool) -> int:
         with self._lock:
             if key in self._blocks:
                 return 0
             while len(self._blocks) >= self.max_blocks:
-                self._blocks.popitem(last=False)
+                old, _ = self._blocks.popitem(last=False)
+                self._proven.discard(old)
                 self.evictions += 1
                 if self._metrics is not None:
                     self._metrics.prefix_cache_evictions.inc()
             self._blocks[key] = block
-            self.generation += 1
+            if proven:
+                self._proven.add(key)
+                self.generation += 1
         return 1
 
     # ---- snapshots (any thread but the engine's) ------------------------------------------------------
     def save(self) -> bool:
-        """Write the blocks (the most recent first within max_disk_bytes) to snapshot_path, atomically; whether
+        """Write the proven blocks (the most recent first within max_disk_bytes) to snapshot_path, atomically; whether
         anything was written (nothing is when no block came since the last save)."""
         if self.snapshot_path is None:
             return False
@@ -173,7 +184,7 @@ class PrefixCache:
             generation = self.generation
             if generation == self._saved_generation:
                 return False
-            entries = list(self._blocks.items())  # oldest first
+            entries = [(k, b) for k, b in self._blocks.items() if k in self._proven]  # oldest first
         room = max(self.max_disk_bytes - 4096, 0) // (KEY_BYTES + self.block_bytes)
         entries = entries[-room:] if room else []
         started = time.monotonic()
@@ -198,7 +209,7 @@ class PrefixCache:
             return 0
         taken = 0
         for key, block in entries[-self.max_blocks:] if self.max_blocks else []:
-            taken += self._insert(key, block)
+            taken += self._insert(key, block, proven=True)
         with self._lock:
             self._saved_generation = self.generation  # what is on disk already
         log.info("prefix cache: restored %d blocks (%d tokens, %.1f MiB) from %s in %.2fs", taken,
@@ -409,5 +420,5 @@ def warm_prompts(cache: PrefixCache, backend: "Backend", tokenizer: "Tokenizer",
         if at < full:
             backend.prefill(0, ids[at:full], at)
             prefilled += full - at
-            cache.store(ids, full, scope, lambda start, end: backend.read_kv(0, start, end))
+            cache.store(ids, full, scope, lambda start, end: backend.read_kv(0, start, end), proven=True)
     return len(prompts), prefilled

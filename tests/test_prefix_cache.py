@@ -227,7 +227,8 @@ def filled_cache(tmp_path: Path, **kw) -> PrefixCache:
     cache = make_cache(snapshot_path=tmp_path / SNAPSHOT_NAME, max_disk_bytes=1 << 20, **kw)
     for i in range(3):
         cache.store([i + 1] * 8, 8, SCOPE,  # each position's "K/V": 10 x its position + the prompt's number
-                    lambda s, e, i=i: (10 * np.arange(s, e, dtype=np.float32) + i).reshape(1, 1, 1, e - s, 1).repeat(2, 1))
+                    lambda s, e, i=i: (10 * np.arange(s, e, dtype=np.float32) + i).reshape(1, 1, 1, e - s, 1).repeat(2, 1),
+                    proven=True)
     return cache
 
 
@@ -260,6 +261,18 @@ def test_corrupt_or_foreign_snapshots_are_skipped_with_a_log_line(tmp_path, capl
     assert fresh.load() == 0 and "not a prefix cache snapshot" in caplog.text
 
 
+def test_only_blocks_that_served_a_hit_go_to_disk(tmp_path):
+    cache = make_cache(snapshot_path=tmp_path / SNAPSHOT_NAME, max_disk_bytes=1 << 20)
+    read = lambda s, e: np.zeros((1, 2, 1, e - s, 1), np.float32)  # noqa: E731
+    cache.store([1] * 8, 8, SCOPE, read)
+    cache.store([2] * 8, 8, SCOPE, read)
+    assert not cache.save() and not (tmp_path / SNAPSHOT_NAME).exists()  # one-off prompts: nothing to write
+    assert len(cache.match([2] * 6, 6, SCOPE)) == 1  # a hit on the first block of [2] * 8
+    assert cache.save()
+    back = make_cache(snapshot_path=tmp_path / SNAPSHOT_NAME, max_disk_bytes=1 << 20)
+    assert back.load() == 1 and len(back.match([2] * 8, 8, SCOPE)) == 1
+
+
 def test_snapshot_respects_max_disk_bytes(tmp_path):
     cache = filled_cache(tmp_path)
     cache.max_disk_bytes = 4096 + 2 * (16 + cache.block_bytes)
@@ -275,7 +288,7 @@ def test_snapshot_writer_writes_at_stop_and_folder_is_private(tmp_path):
     assert (tmp_path / "pc").stat().st_mode & 0o777 == 0o700
     writer = SnapshotWriter(cache, 3600)
     writer.start()
-    cache.store([1] * 8, 8, SCOPE, lambda s, e: np.zeros((1, 2, 1, e - s, 1), np.float32))
+    cache.store([1] * 8, 8, SCOPE, lambda s, e: np.zeros((1, 2, 1, e - s, 1), np.float32), proven=True)
     writer.stop()
     assert cache.snapshot_path.exists() and not [p for p in (tmp_path / "pc").iterdir() if p.name.startswith(".")]
 
@@ -384,6 +397,8 @@ def test_the_cache_survives_a_restart(tiny_bundle, tmp_path):
     first = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, save_interval_s=3600)).start()
     try:
         cold = generate(first.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        # A second use proves the blocks worth keeping on disk (a one-off prompt's are not written).
+        generate(first.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=1)
     finally:
         first.stop()  # writes the snapshot
     snapshot = tmp_path / "prefix" / SNAPSHOT_NAME
