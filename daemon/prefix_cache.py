@@ -150,13 +150,8 @@ class PrefixCache:
         if not missing:
             return 0
         b = self.block_tokens
-        # One read of the whole missing range, cut into blocks: copies, so that each evicted block frees its bytes.
-        first, last = missing[0], missing[-1]
-        kv = read(first * b, (last + 1) * b)
-        added = 0
-        for i in missing:
-            added += self._insert(keys[i], kv[:, :, :, (i - first) * b:(i - first + 1) * b].copy(), proven)
-        return added
+        # One array per block (one copy out of the slot): an evicted block frees its own bytes.
+        return sum(self._insert(keys[i], read(i * b, (i + 1) * b), proven) for i in missing)
 
     def _insert(self, key: bytes, block: np.ndarray, proven: bool) -> int:
         with self._lock:
@@ -257,42 +252,60 @@ def write_snapshot(path: Path, space: bytes, shape: tuple[int, ...], dtype: np.d
 
 def read_snapshot(path: Path, space: bytes, shape: tuple[int, ...], dtype: np.dtype,
                   max_bytes: int) -> list[tuple[bytes, np.ndarray]]:
-    """The (key, block) entries of a snapshot, oldest first; SnapshotError if it is not sound or not for this cache."""
+    """The (key, block) entries of a snapshot, oldest first; SnapshotError if it is not sound or not for this cache.
+    Each block is read straight into its own array (one copy, no second buffer of the whole file)."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise SnapshotError(f"{size} bytes, more than prefix_cache.max_disk_bytes allows")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise SnapshotError(f"{size} bytes, more than prefix_cache.max_disk_bytes allows")
+            return _read_entries(f, size, space, shape, dtype)
     except OSError as e:
-        raise SnapshotError(f"cannot read it: {e.strerror}") from None
-    if len(data) < len(SNAPSHOT_MAGIC) + 4 + 32 or not data.startswith(SNAPSHOT_MAGIC):
+        raise SnapshotError(f"cannot read it: {e.strerror or e}") from None
+
+
+def _read_entries(f, size: int, space: bytes, shape: tuple[int, ...], dtype: np.dtype) -> list[tuple[bytes, np.ndarray]]:
+    digest = hashlib.sha256()
+
+    def take(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise SnapshotError("it is shorter than its header says (a torn file)")
+        digest.update(data)
+        return data
+
+    head = f.read(len(SNAPSHOT_MAGIC) + 4)
+    if len(head) != len(SNAPSHOT_MAGIC) + 4 or not head.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError("not a prefix cache snapshot")
-    body, checksum = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != checksum:
-        raise SnapshotError("its checksum does not match (a torn or changed file)")
-    at = len(SNAPSHOT_MAGIC)
-    (header_len,) = struct.unpack_from("<I", body, at)
-    at += 4
+    digest.update(head)
+    (header_len,) = struct.unpack_from("<I", head, len(SNAPSHOT_MAGIC))
+    if header_len > 65536:
+        raise SnapshotError("its header is too long")
     try:
-        header = json.loads(body[at:at + header_len])
-    except ValueError:
+        header = json.loads(take(header_len))
+    except (ValueError, SnapshotError):
         raise SnapshotError("its header is not valid JSON") from None
-    at += header_len
-    if header.get("version") != SNAPSHOT_VERSION:
-        raise SnapshotError(f"format version {header.get('version')!r}, this daemon reads {SNAPSHOT_VERSION}")
+    if not isinstance(header, dict) or header.get("version") != SNAPSHOT_VERSION:
+        raise SnapshotError(f"format version {header.get('version') if isinstance(header, dict) else None!r}, "
+                            f"this daemon reads {SNAPSHOT_VERSION}")
     if header.get("namespace") != space.decode() or header.get("block_shape") != list(shape) \
             or header.get("dtype") != dtype.name:
         raise SnapshotError(f"written for another bundle or KV layout ({header.get('namespace')})")
     block_bytes = int(np.prod(shape)) * dtype.itemsize
     count = header.get("blocks")
-    if not isinstance(count, int) or len(body) - at != count * (KEY_BYTES + block_bytes):
-        raise SnapshotError("its length does not match its header")
+    if not isinstance(count, int) or size != len(head) + header_len + count * (KEY_BYTES + block_bytes) + 32:
+        raise SnapshotError("its length does not match its header (a torn file)")
     entries = []
     for _ in range(count):
-        key = body[at:at + KEY_BYTES]
-        at += KEY_BYTES
-        entries.append((key, np.frombuffer(body, dtype, int(np.prod(shape)), at).reshape(shape).copy()))
-        at += block_bytes
+        key = take(KEY_BYTES)
+        block = np.empty(shape, dtype)
+        raw = memoryview(block).cast("B")
+        if f.readinto(raw) != block_bytes:
+            raise SnapshotError("it is shorter than its header says (a torn file)")
+        digest.update(raw)
+        entries.append((key, block))
+    if f.read(32) != digest.digest():
+        raise SnapshotError("its checksum does not match (a torn or changed file)")
     return entries
 
 
@@ -401,11 +414,14 @@ def warm_prompts(cache: PrefixCache, backend: "Backend", tokenizer: "Tokenizer",
     keep them, in the shared scope; returns (prompts, tokens prefilled)."""
     scope = request_scope("shared", None, "")
     prefilled = 0
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
-        else:
-            ids = tokenizer.encode_chat([(m["role"], m["content"]) for m in prompt])
+    for i, prompt in enumerate(prompts):
+        try:
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt)
+            else:
+                ids = tokenizer.encode_chat([(m["role"], m["content"]) for m in prompt])
+        except ValueError as e:  # the chat template refuses the messages: the config's fault, named
+            raise ValueError(f"prefix_cache.warm[{i}]: {e}") from None
         ids = ids[:context_length - 1]
         full = len(ids) // cache.block_tokens * cache.block_tokens
         if full == 0:

@@ -259,6 +259,9 @@ def test_corrupt_or_foreign_snapshots_are_skipped_with_a_log_line(tmp_path, capl
     assert other.load() == 0 and "another bundle or KV layout" in caplog.text
     path.write_bytes(b"garbage")
     assert fresh.load() == 0 and "not a prefix cache snapshot" in caplog.text
+    filled_cache(tmp_path).save()
+    path.write_bytes(path.read_bytes()[:-100])  # torn: a crash mid-write without the rename would not do this
+    assert fresh.load() == 0 and "a torn file" in caplog.text
 
 
 def test_only_blocks_that_served_a_hit_go_to_disk(tmp_path):
