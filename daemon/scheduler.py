@@ -188,6 +188,7 @@ class Scheduler:
         self.running.remove(victim)
         slot = victim.slot
         victim.slot, victim.cached = None, 0  # its cache is overwritten: it re-prefills when resumed
+        plan.restore = [(s, blocks) for s, blocks in plan.restore if s is not victim]  # placed earlier this step
         victim.preemptions += 1
         if victim.conversation is not None:
             conv = victim.conversation
