@@ -396,6 +396,19 @@ def test_scope_off_disables_the_cache(tiny_bundle, tmp_path):
         d.stop()
 
 
+def test_per_peer_scope_reuses_a_clients_own_prompts(tiny_bundle, tmp_path):
+    d = DaemonThread(tiny_bundle, daemon_config(tmp_path, scope="per_peer")).start()
+    try:
+        runs = [generate(d.stub(), token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=4, ignore_eos=True)
+                for _ in range(2)]  # two connections of the same Unix user: the same peer
+        assert [r[2].usage.cached_prompt_tokens for r in runs] == [0, 48] and runs[0][0] == runs[1][0]
+        uid = request_scope("per_peer", type("Peer", (), {"uid": os.getuid()})(), "")
+        assert len(d.daemon.prefix_cache.match(PROMPT, 59, uid)) == 3  # keyed by the peer's uid...
+        assert d.daemon.prefix_cache.match(PROMPT, 59, SCOPE) == []  # ...not in the shared scope
+    finally:
+        d.stop()
+
+
 def test_the_cache_survives_a_restart(tiny_bundle, tmp_path):
     first = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, save_interval_s=3600)).start()
     try:
@@ -419,10 +432,17 @@ def test_warm_prompts_are_cached_before_serving(tiny_bundle, tmp_path):
     from daemon.tokenizer import Tokenizer
 
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
-    d = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, warm=[text], persist=False)).start()
+    system = [{"role": "system", "content": text}]
+    d = PersistentDaemon(tiny_bundle, daemon_config(tmp_path, warm=[text, system], persist=False, share=2.0)).start()
     try:
-        n = len(Tokenizer.from_dir(tiny_bundle).encode(text))
-        assert n > 32 and d.daemon.prefix_cache.blocks == n // 16
+        tokenizer = Tokenizer.from_dir(tiny_bundle)
+        n = len(tokenizer.encode(text))
+        n_chat = len(tokenizer.encode_chat([("system", text)]))
+        assert n > 32 and d.daemon.prefix_cache.blocks == n // 16 + n_chat // 16
+        _, _, fin = generate(d.stub(), chat=pb.ChatMessages(messages=[pb.ChatMessage(role="system", content=text),
+                                                                     pb.ChatMessage(role="user", content="hi")]),
+                             max_new_tokens=2)
+        assert fin.usage.cached_prompt_tokens >= 16  # the system message's blocks
         _, _, fin = generate(d.stub(), text=text, max_new_tokens=2)
         assert fin.usage.cached_prompt_tokens == min(n // 16, (n - 1) // 16) * 16 > 0
     finally:
