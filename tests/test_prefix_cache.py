@@ -528,3 +528,47 @@ def test_tensorrt_block_copies_address_the_right_positions():
         outside = np.ones(a.shape, bool)
         outside[2, :, 16:24] = False
         np.testing.assert_array_equal(a[outside], before[i, kind][outside])  # nothing else written
+
+
+def test_edgellm_serve_restores_its_snapshot_before_ready_and_skips_a_corrupt_one(tiny_bundle):
+    """Real `edgellm serve` processes: the snapshot written at SIGTERM is loaded by the next start before READY=1."""
+    import shutil
+    import tempfile
+
+    from edgellm.client import connect
+    from test_startup_faults import Serve
+
+    folder = Path(tempfile.mkdtemp(prefix="elp-", dir="/tmp"))  # short: a Unix socket path
+    try:
+        config = folder / "edgellm.yaml"
+        config.write_text(f"prefix_cache:\n  block_tokens: 16\n  dir: {folder / 'pc'}\n")
+        sock = folder / "s.sock"
+        args = ["--bundle", str(tiny_bundle), "--config", str(config), "--unix", str(sock), "--log-level", "info"]
+
+        def ask() -> tuple[list[int], int]:
+            ids, _, fin = generate(connect(f"unix:{sock}")[1], token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=6,
+                                   ignore_eos=True)
+            return ids, fin.usage.cached_prompt_tokens
+
+        first = Serve(folder, args)
+        first.wait_ready()
+        cold, hit = ask(), ask()
+        assert first.stop() == 0, first.log()
+        assert cold[1] == 0 and hit == (cold[0], 48)
+        assert "prefix cache: wrote 3 blocks" in first.log()
+
+        second = Serve(folder, args)
+        second.wait_ready()
+        assert ask() == (cold[0], 48)  # the first request after the restart
+        assert second.stop() == 0 and "prefix cache: restored 3 blocks" in second.log()
+
+        snapshot = folder / "pc" / SNAPSHOT_NAME
+        data = bytearray(snapshot.read_bytes())
+        data[-40] ^= 0xFF
+        snapshot.write_bytes(bytes(data))
+        third = Serve(folder, args)
+        third.wait_ready()
+        assert ask() == (cold[0], 0)
+        assert third.stop() == 0 and "skipping the snapshot" in third.log() and "checksum" in third.log()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
