@@ -2,7 +2,8 @@
 
 Each step, schedule(now) ends what was cancelled or ran past its deadline, releases closed conversations,
 admits waiting requests into free slots (highest priority class first, then arrival; evicting idle
-conversation caches and then pausing lower classes when the slots are full), and picks the work: one chunk
+conversation caches and then pausing lower classes when the slots are full; a placed request starts from the
+longest run of prefix-cache blocks its tokens begin with, copied in by the model runner), and picks the work: one chunk
 of one prompt to prefill, and every sequence past its prompt to decode one token in one batch. finish(seq)
 gives a request's slot back, keeping a conversation's cache for its next turn.
 
