@@ -365,6 +365,9 @@ def create_prefix_cache(cfg: "PrefixCacheConfig", bundle_id: str, layout: KvCach
     prefix_cache.persist say so and its folder can be made private (else a log line, and memory only)."""
     if not cfg.enabled or cfg.scope == "off":
         return None
+    if layout.dtype not in _BLOCK_DTYPES:
+        log.warning("prefix cache: off: it cannot hold a %s KV cache", layout.dtype)
+        return None
     max_bytes = cfg.max_bytes or int(cfg.share * kv_cache_bytes)
     snapshot = None
     if persist and cfg.persist:
