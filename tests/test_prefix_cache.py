@@ -125,6 +125,7 @@ def test_a_repeated_prefix_is_copied_in_and_only_the_rest_prefilled():
     run(eng, lambda: r1.finished)
     assert r1.finished.cached_prompt_tokens == 0 and eng.prefix_cache.blocks == 4
     before = eng.backend.prefilled_tokens
+    eng.backend.cache.fill(-1)  # the freed slot forgets: only the copy can give the next request its prefix
     again, r2 = cached_seq([*prompt[:16], 50, 51], 5, clock)  # same 16 tokens, another ending
     eng.submit(again)
     run(eng, lambda: r2.finished)
@@ -367,6 +368,8 @@ def test_daemon_reuses_a_prompt_across_requests_with_the_same_output(tiny_bundle
     try:
         stub = d.stub()
         cold = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        # Another prompt in between overwrites the slot: only the copy can give the next request its prefix.
+        generate(stub, token_ids=pb.TokenIds(ids=[p + 100 for p in PROMPT]), max_new_tokens=1)
         warm = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
         assert cold[2].usage.cached_prompt_tokens == 0 and warm[2].usage.cached_prompt_tokens == 48
         assert warm[0] == cold[0]
@@ -375,7 +378,7 @@ def test_daemon_reuses_a_prompt_across_requests_with_the_same_output(tiny_bundle
         again = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True, cache_salt="t1")
         assert again[2].usage.cached_prompt_tokens == 48 and again[0] == cold[0]
         m = d.engine.metrics
-        assert m.prefix_cache_hits._value.get() == 2 and m.prefix_cache_misses._value.get() == 2
+        assert m.prefix_cache_hits._value.get() == 2 and m.prefix_cache_misses._value.get() == 3
         assert m.prefix_cache_tokens._value.get() == 96
         with pytest.raises(grpc.RpcError) as e:
             generate(stub, token_ids=pb.TokenIds(ids=PROMPT), cache_salt="s" * 257)
