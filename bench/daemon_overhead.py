@@ -57,7 +57,8 @@ def serving(path: Path, slots: int = 1, threads: int = 0) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "bench.sock")
         config = os.path.join(tmp, "config.yaml")
-        Path(config).write_text(f"engine:\n  threads: {threads}\n")
+        # The prefix cache off: every round sends the same prompt, which would otherwise come from the cache.
+        Path(config).write_text(f"engine:\n  threads: {threads}\nprefix_cache:\n  enabled: false\n")
         cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--config", config, "--unix", sock,
                "--slots", str(slots), "--log-level", "warning"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

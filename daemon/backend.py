@@ -28,6 +28,13 @@ class Backend(Protocol):
         """One token for each of slots at its position; logits [rows, vocab] indexed by slot (a view, valid
         until the next call; rows past the highest slot, and idle rows below it, hold nothing)."""
 
+    def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
+        """K/V of positions [start, end) of a slot, copied to a new host array [layers, 2 (K, V), kv_heads,
+        end - start, head_dim] (daemon/prefix_cache.py's block layout)."""
+
+    def write_kv(self, slot: int, start: int, kv: np.ndarray) -> None:
+        """Copy K/V as read_kv gives them into positions start.. of a slot."""
+
     def close(self) -> None: ...
 
 

@@ -133,6 +133,22 @@ class OnnxBackend:
         self.session.run_with_iobinding(b.io)
         return b.logits[:, 0]
 
+    def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
+        """K/V of positions [start, end) of a slot: a new array [layers, 2, kv_heads, end - start, head_dim]."""
+        out = np.empty((self.layout.num_layers, 2, self.layout.num_kv_heads, end - start, self.layout.head_dim),
+                       self._ort_dtype)
+        for i, (k, v) in enumerate(self.cache):
+            out[i, 0] = k[slot, :, start:end]
+            out[i, 1] = v[slot, :, start:end]
+        return out
+
+    def write_kv(self, slot: int, start: int, kv: np.ndarray) -> None:
+        """Copy K/V as read_kv gives them into positions start.. of a slot."""
+        end = start + kv.shape[3]
+        for i, (k, v) in enumerate(self.cache):
+            k[slot, :, start:end] = kv[i, 0]
+            v[slot, :, start:end] = kv[i, 1]
+
     def close(self) -> None:
         """Nothing to release: the session and the cache go with the object."""
 

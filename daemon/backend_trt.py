@@ -42,6 +42,7 @@ from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compati
                                     memory_budget, packed_input_elements, packed_inputs, packed_views)
 from daemon.backend import write_decode_inputs
 from daemon.cuda_graph import CudaGraph, capture_or_fallback
+from daemon.prefix_cache import block_dtype, block_shape
 
 log = logging.getLogger("edgellm.backend")
 
@@ -295,6 +296,44 @@ class TrtBackend:
             return inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
         finally:
             self._cuda.Context.pop()
+
+    # ---- the prefix cache's copies (daemon/prefix_cache.py) ---------------------------------------------
+    def _kv_copy(self, slot: int, start: int, tokens: int, host: np.ndarray, to_host: bool) -> None:
+        """Copy positions [start, start + tokens) of a slot between every layer's K/V cache and host
+        [layers, 2, kv_heads, tokens, head_dim]: per layer and K/V one 2D copy of kv_heads rows (a row: that
+        head's positions, contiguous on both sides; the device rows are max_seq positions apart)."""
+        cuda, layout = self._cuda, self.layout
+        position_bytes = layout.head_dim * host.dtype.itemsize
+        for (i, kind), buf in self._cache.items():
+            side = host[i, 0 if kind == "key" else 1]  # contiguous [kv_heads, tokens, head_dim]
+            device = int(buf) + slot * self._row_bytes + start * position_bytes
+            copy = cuda.Memcpy2D()
+            if to_host:
+                copy.set_src_device(device)
+                copy.src_pitch = layout.max_seq * position_bytes
+                copy.set_dst_host(side)
+                copy.dst_pitch = tokens * position_bytes
+            else:
+                copy.set_src_host(side)
+                copy.src_pitch = tokens * position_bytes
+                copy.set_dst_device(device)
+                copy.dst_pitch = layout.max_seq * position_bytes
+            copy.width_in_bytes = tokens * position_bytes
+            copy.height = layout.num_kv_heads
+            copy(self.stream)  # on the steps' stream: after the prefill that wrote them, before the next step
+        self.stream.synchronize()
+
+    def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
+        """K/V of positions [start, end) of a slot: a new host array [layers, 2, kv_heads, end - start, head_dim]."""
+        self._ensure_context()
+        out = np.empty(block_shape(self.layout, end - start), block_dtype(self.layout))
+        self._kv_copy(slot, start, end - start, out, to_host=True)
+        return out
+
+    def write_kv(self, slot: int, start: int, kv: np.ndarray) -> None:
+        """Copy K/V as read_kv gives them into positions start.. of a slot."""
+        self._ensure_context()
+        self._kv_copy(slot, start, kv.shape[3], np.ascontiguousarray(kv), to_host=False)
 
     def close(self) -> None:
         """Destroy the graphs and free every device buffer, with the context current (any thread may call this)."""

@@ -171,6 +171,23 @@ class StructuredConfig:
 
 
 @dataclass
+class PrefixCacheConfig:
+    """Prompt blocks' K/V kept in host memory and reused by later prompts that start the same (docs/prefix-cache.md)."""
+
+    enabled: bool = True
+    share: float = 0.5  # host memory for blocks, as a share of the KV cache's bytes (GetModel.kv_cache_bytes)
+    max_bytes: int = 0  # host memory for blocks in bytes; 0: `share` decides
+    block_tokens: int = 64  # tokens per block: prompts are reused in whole blocks
+    scope: str = "shared"  # shared: any request reuses any prompt | per_peer: only the same client's | off
+    persist: bool = True  # write the blocks to disk and load them at start, so a restart keeps them
+    dir: str | None = None  # the snapshot's folder (made 0700); null: $EDGELLM_CACHE/prefix-cache/<bundle id>
+    max_disk_bytes: int = 0  # most bytes the snapshot takes (the most recent blocks first); 0: the memory bound
+    save_interval_s: float = 60.0  # at most this often the snapshot is rewritten when new blocks came (and at stop)
+    # Prompts prefilled into the cache before READY: each a text, or a chat (a list of {role, content} mappings).
+    warm: list = field(default_factory=list)
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -183,6 +200,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
@@ -194,14 +212,18 @@ _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_token
              "limits.max_connections": 1, "limits.handshake_timeout_s": 0.1, "limits.idle_timeout_s": 0.1,
              "limits.max_streams_per_connection": 1, "limits.min_ping_interval_s": 0.0,
              "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1,
-             "structured.max_schema_bytes": 16, "structured.compile_timeout_s": 0.01, "structured.cache_size": 1}
+             "structured.max_schema_bytes": 16, "structured.compile_timeout_s": 0.01, "structured.cache_size": 1,
+             "prefix_cache.share": 0.0, "prefix_cache.max_bytes": 0, "prefix_cache.block_tokens": 8,
+             "prefix_cache.max_disk_bytes": 0, "prefix_cache.save_interval_s": 1.0}
 MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
 _MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS,
              # gRPC takes these as 32-bit milliseconds
              "limits.handshake_timeout_s": 86400.0, "limits.idle_timeout_s": 86400.0, "limits.min_ping_interval_s": 86400.0,
              "limits.max_streams_per_connection": 2**31 - 1,
-             "structured.max_schema_bytes": 16 * 1024 * 1024, "structured.compile_timeout_s": 600.0}
-_CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("text", "json")}
+             "structured.max_schema_bytes": 16 * 1024 * 1024, "structured.compile_timeout_s": 600.0,
+             "prefix_cache.share": 4.0, "prefix_cache.block_tokens": 4096, "prefix_cache.save_interval_s": 86400.0}
+_CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("text", "json"),
+            "prefix_cache.scope": ("shared", "per_peer", "off")}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -267,7 +289,20 @@ def parse_config(data: Any) -> Config:
         split_host_port(cfg.openai.listen, "openai.listen")
     if cfg.openai.model_name is not None and not cfg.openai.model_name.strip():
         raise ConfigError("'openai.model_name' must not be empty (null: the bundle's source name)")
+    _check_warm_prompts(cfg.prefix_cache.warm)
     return cfg
+
+
+def _check_warm_prompts(warm: list) -> None:
+    for i, prompt in enumerate(warm):
+        if isinstance(prompt, str) and prompt:
+            continue
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+                for m in prompt):
+            continue
+        raise ConfigError(f"'prefix_cache.warm[{i}]' must be a non-empty text or a list of chat messages "
+                          f"({{role: ..., content: ...}}), got {prompt!r}")
 
 
 def load_config(path: str | os.PathLike | None) -> Config:

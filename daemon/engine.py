@@ -25,6 +25,7 @@ from daemon.metrics import EngineMetrics
 from daemon.model_runner import ModelRunner
 from daemon.pace import Pace
 from daemon.postprocess import Outbox, Postprocessor
+from daemon.prefix_cache import PrefixCache
 from daemon.sampling import Sampler
 from daemon.scheduler import Scheduler, StepPlan
 from daemon.sequence import (Conversation, FinishEvent, FinishReason, Priority, QueueFullError, Sequence, StageFailure,
@@ -47,7 +48,7 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None,
                  cpu: int | None = None, max_consecutive_failures: int = 3,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None, prefix_cache: PrefixCache | None = None):
         self.backend = backend
         self.context_length = context_length
         self.max_queued = max_queued
@@ -56,8 +57,11 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.class_metrics = {p: self.metrics.for_class(p.name.lower()) for p in Priority}
         self.metrics.bind_gauges(lambda: self.queue_length, lambda: self.slots_in_use, lambda: self.scheduler.kv_tokens())
-        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens)
-        self.runner = ModelRunner(backend, self.metrics, clock)
+        self.prefix_cache = prefix_cache  # daemon/prefix_cache.py: prompt blocks shared across requests; None: off
+        if prefix_cache is not None:
+            prefix_cache.bind_metrics(self.metrics)
+        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache)
+        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache)
         self.outbox = Outbox()
         self.post = Postprocessor(tokenizer, context_length, self.outbox, self.metrics, self.class_metrics, clock)
         self.pace = Pace()

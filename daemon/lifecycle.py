@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import stat
+import time
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from daemon.engine import Engine, EngineFailed
 from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_dir, raise_open_file_limit,
                           remove_stale_relay_dirs, tcp_listener, unix_listener)
 from daemon.metrics import EngineMetrics, MetricsEndpoint
+from daemon.prefix_cache import PrefixCache, SnapshotWriter, create_prefix_cache, warm_prompts
 from daemon.request_log import reopen_log_files
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
@@ -122,8 +124,9 @@ class Daemon:
     def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend: Backend,
                  notifier: Notifier | None = None, inherited: list[socket.socket] | None = None,
                  placement: ThreadPlacement | None = None, token: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
-        """`token` and `tls` as run_daemon read them before the model load; left out, they are read from config."""
+                 tls: ssl.SSLContext | None = None, prefix_cache: PrefixCache | None = None) -> None:
+        """`token` and `tls` as run_daemon read them before the model load; left out, they are read from config.
+        `prefix_cache` as run_daemon loaded and warmed it; left out, one in memory only, as configured."""
         if token is None and config.access.token_file:
             token = read_token(config.access.token_file)
         self.config = config
@@ -135,6 +138,12 @@ class Daemon:
         self.backend = backend
         self.notifier = notifier or Notifier({})
         self.inherited = inherited or []
+        if prefix_cache is None:
+            prefix_cache = create_prefix_cache(config.prefix_cache, bundle.bundle_id, bundle.kv_cache,
+                                               backend.kv_cache_bytes, persist=False)
+        self.prefix_cache = prefix_cache
+        self._snapshots = (SnapshotWriter(prefix_cache, config.prefix_cache.save_interval_s)
+                           if prefix_cache is not None and prefix_cache.snapshot_path is not None else None)
         self.engine: Engine | None = None
         self.service: InferenceService | None = None
         self.server: grpc.aio.Server | None = None
@@ -164,7 +173,8 @@ class Daemon:
                              cpu=self.placement.engine_cpu if self.placement else None,
                              max_consecutive_failures=cfg.engine.max_consecutive_failures,
                              # The engine thread reports giving up; the rest happens on this loop.
-                             on_failure=lambda reason: asyncio.run_coroutine_threadsafe(self._engine_gave_up(reason), loop))
+                             on_failure=lambda reason: asyncio.run_coroutine_threadsafe(self._engine_gave_up(reason), loop),
+                             prefix_cache=self.prefix_cache)
         if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
             pin_current_thread(self.placement.service_cpu)
         connections = Connections()
@@ -174,6 +184,9 @@ class Daemon:
                           self.backend.cuda_graphs)
         self.service = InferenceService(self.engine, self.tokenizer, self.bundle, cfg.generation, info, cfg.limits,
                                         connections, stream_interval_ms, cfg.structured)
+        self.service.prefix_scope = cfg.prefix_cache.scope
+        if self._snapshots:
+            self._snapshots.start()
         guard = AccessGuard(cfg.access, connections, self.token,
                             on_refused=lambda code: self.metrics.request_errors.labels(code.name).inc())
         self.server = grpc.aio.server(interceptors=[guard], options=grpc_server_options(cfg.limits))
@@ -297,6 +310,8 @@ class Daemon:
                              *([asyncio.get_running_loop().run_in_executor(None, self.front.stop)] if self.front else []))
         if self.engine:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self._snapshots:  # after the engine: its last blocks are in the last snapshot
+            await asyncio.get_running_loop().run_in_executor(None, self._snapshots.stop)
         if self._own_unix_socket:
             Path(self._own_unix_socket).unlink(missing_ok=True)
         if self._relay_dir:
@@ -337,6 +352,25 @@ def verify_signed_bundle(bundle: Bundle, trusted: dict) -> None:
     check = verify_trusted_bundle(bundle, trusted)
     log.info("bundle %s: signed by trusted key %s%s; every file matches its checksum", bundle.path,
              check.signature.key_id, f" ({check.signature.signer})" if check.signature.signer else "")
+
+
+def prepare_prefix_cache(config: Config, bundle: Bundle, backend: Backend, tokenizer: Tokenizer,
+                         notifier: Notifier | None = None) -> PrefixCache | None:
+    """The prefix cache, its snapshot loaded and its warm prompts prefilled (before READY), each cost logged."""
+    cache = create_prefix_cache(config.prefix_cache, bundle.bundle_id, bundle.kv_cache, backend.kv_cache_bytes)
+    if cache is None:
+        return None
+    if notifier:
+        notifier.status("loading the prefix cache")
+    cache.load()
+    if config.prefix_cache.warm:
+        if notifier:
+            notifier.status("warming the prefix cache")
+        started = time.monotonic()
+        prompts, tokens = warm_prompts(cache, backend, tokenizer, config.prefix_cache.warm, bundle.context_length)
+        log.info("prefix cache: %d warm prompts, %d tokens prefilled in %.2fs", prompts, tokens,
+                 time.monotonic() - started)
+    return cache
 
 
 async def run_daemon(config: Config, bundle: Bundle) -> None:
@@ -395,12 +429,16 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     if not stop.is_set():
         notifier.status("warming up")
         await loop.run_in_executor(None, warm_up, backend, config.engine.slots)
+    prefix_cache = None
+    if not stop.is_set():
+        prefix_cache = await loop.run_in_executor(None, prepare_prefix_cache, config, bundle, backend, tokenizer,
+                                                  notifier)
     await verified
     if stop.is_set():
         log.info("stop requested while loading: exiting without serving")
         notifier.close()
         return
-    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls, prefix_cache)
     try:
         await daemon.start()
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "

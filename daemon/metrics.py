@@ -52,7 +52,17 @@ class EngineMetrics:
                                          buckets=TOKENS_PER_STEP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("edgellm_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.cached_prompt_tokens = Counter("edgellm_cached_prompt_tokens",
-                                            "Prompt tokens found in a conversation's cache.", registry=r)
+                                            "Prompt tokens found in a conversation's cache or the prefix cache.",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("edgellm_prefix_cache_hits",
+                                         "Prefix cache look-ups that found at least one block.", registry=r)
+        self.prefix_cache_misses = Counter("edgellm_prefix_cache_misses",
+                                           "Prefix cache look-ups that found no block.", registry=r)
+        self.prefix_cache_evictions = Counter("edgellm_prefix_cache_evictions",
+                                              "Prefix cache blocks evicted (least recently used) to make room.",
+                                              registry=r)
+        self.prefix_cache_tokens = Counter("edgellm_prefix_cache_tokens",
+                                           "Prompt tokens whose K/V were copied from the prefix cache.", registry=r)
         self.generated_tokens = Counter("edgellm_generated_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("edgellm_requests", "Requests finished, by priority and finish reason.",
                                 ["priority", "reason"], registry=r)
@@ -77,6 +87,12 @@ class EngineMetrics:
         Gauge("edgellm_slots_in_use", "Slots held by running requests or idle conversations.",
               registry=r).set_function(slots_in_use)
         Gauge("edgellm_kv_cache_tokens", "Token positions of the KV cache in use.", registry=r).set_function(kv_cache_tokens)
+
+    def bind_prefix_cache(self, bytes_used: Callable[[], float], blocks: Callable[[], float]) -> None:
+        """The prefix cache's size, read live at scrape time."""
+        r = self.registry
+        Gauge("edgellm_prefix_cache_bytes", "Host memory held by prefix cache blocks.", registry=r).set_function(bytes_used)
+        Gauge("edgellm_prefix_cache_blocks", "Blocks in the prefix cache.", registry=r).set_function(blocks)
 
     def bind_connections(self, open_connections: Callable[[], float]) -> None:
         """The front door's open client connections, read live at scrape time."""

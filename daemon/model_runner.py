@@ -1,8 +1,13 @@
-"""The model runner: turns a step's plan into backend calls and hands back a logits row per sequence."""
+"""The model runner: turns a step's plan into backend calls and hands back a logits row per sequence.
+
+With a prefix cache it also copies the plan's cached blocks into their slots before the model calls, and after
+each prefill chunk keeps the prompt's newly completed blocks in the cache.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import logging
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -10,6 +15,11 @@ from daemon.backend import Backend
 from daemon.metrics import EngineMetrics
 from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
+
+if TYPE_CHECKING:
+    from daemon.prefix_cache import PrefixCache
+
+log = logging.getLogger("edgellm.engine")
 
 
 class StepStats:
@@ -25,11 +35,30 @@ class StepStats:
 
 
 class ModelRunner:
-    def __init__(self, backend: Backend, metrics: EngineMetrics, clock: Callable[[], float]):
+    def __init__(self, backend: Backend, metrics: EngineMetrics, clock: Callable[[], float],
+                 prefix_cache: PrefixCache | None = None):
         self.backend = backend
         self.metrics = metrics
         self.clock = clock
+        self.prefix_cache = prefix_cache
         self.stats = StepStats()  # the last run's
+
+    def _restore(self, seq: Sequence, blocks: list[np.ndarray]) -> None:
+        """Copy prefix-cache blocks into positions 0.. of seq's slot."""
+        at = 0
+        for block in blocks:
+            self.backend.write_kv(seq.slot, at, block)
+            at += block.shape[3]
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        """Keep the full blocks of seq's prompt that its slot now holds in the prefix cache. The cache is an
+        optimisation: a failed copy is logged and the request goes on."""
+        try:
+            slot = seq.slot
+            self.prefix_cache.store(seq.prompt_ids, min(seq.cached, len(seq.prompt_ids)), seq.cache_scope,
+                                    lambda start, end: self.backend.read_kv(slot, start, end))
+        except Exception:
+            log.exception("keeping a prompt's blocks in the prefix cache failed")
 
     def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
         """Each sequence with the logits row of its next token, or the failure of the call it was in.
@@ -41,8 +70,15 @@ class ModelRunner:
         stats.prefilled = stats.decoded = 0
         stats.prefill_s = 0.0
         stats.calls.clear()
+        failed: set[Sequence] = set()
+        for seq, blocks in plan.restore:
+            try:
+                self._restore(seq, blocks)
+            except Exception as e:  # this sequence's slot alone: it ends, the others go on
+                failed.add(seq)
+                yield seq, StageFailure("copying the cached prefix into its slot", e)
         seq = plan.prefill
-        if seq is not None:
+        if seq is not None and seq not in failed:
             start, end = seq.cached, plan.prefill_end
             started = self.clock()
             try:
@@ -54,10 +90,12 @@ class ModelRunner:
                 stats.calls["prefill"] = None
                 stats.prefill_s, stats.prefilled, seq.cached = self.clock() - started, end - start, end
                 self.metrics.prompt_tokens.inc(end - start)
+                if self.prefix_cache is not None and seq.cache_scope is not None:
+                    self._keep_prefix(seq)
                 if end == seq.prefill_target() and not seq.output_ids:
                     self.metrics.cached_prompt_tokens.inc(seq.cached_prompt_tokens)
                     yield seq, logits
-        seqs = plan.decode
+        seqs = [s for s in plan.decode if s not in failed] if failed else plan.decode
         if seqs:
             try:
                 logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],

@@ -2,7 +2,8 @@
 
 Each step, schedule(now) ends what was cancelled or ran past its deadline, releases closed conversations,
 admits waiting requests into free slots (highest priority class first, then arrival; evicting idle
-conversation caches and then pausing lower classes when the slots are full), and picks the work: one chunk
+conversation caches and then pausing lower classes when the slots are full; a placed request starts from the
+longest run of prefix-cache blocks its tokens begin with, copied in by the model runner), and picks the work: one chunk
 of one prompt to prefill, and every sequence past its prompt to decode one token in one batch. finish(seq)
 gives a request's slot back, keeping a conversation's cache for its next turn.
 
@@ -13,8 +14,12 @@ submits while the engine thread steps); everything else runs on the engine threa
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from daemon.sequence import Conversation, FinishReason, Priority, Sequence
+
+if TYPE_CHECKING:
+    from daemon.prefix_cache import PrefixCache
 
 log = logging.getLogger("edgellm.engine")
 
@@ -30,21 +35,26 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class StepPlan:
     """What one step does. Sequences in `ended` are out of the scheduler already (their slots free)."""
 
-    __slots__ = ("ended", "admitted", "preempted", "evicted", "prefill", "prefill_end", "decode")
+    __slots__ = ("ended", "admitted", "preempted", "evicted", "restore", "prefill", "prefill_end", "decode")
 
     def __init__(self) -> None:
         self.ended: list[tuple[Sequence, FinishReason, str]] = []  # (seq, reason, message)
         self.admitted: list[Sequence] = []  # got their first slot: their queue time ends
         self.preempted: list[Sequence] = []  # paused for a higher class, back in the queue
         self.evicted: list[Conversation] = []  # idle caches dropped to make room
+        # Placed sequences whose first tokens come from the prefix cache: its blocks, copied into seq.slot from
+        # position 0 before this step's model calls (seq.cached already counts them).
+        self.restore: list[tuple[Sequence, list[Any]]] = []
         self.prefill: Sequence | None = None  # prefills tokens [prefill.cached, prefill_end) of its prompt
         self.prefill_end = 0
         self.decode: list[Sequence] = []  # one token each, in one batch
 
 
 class Scheduler:
-    def __init__(self, slots: int, context_length: int, prefill_chunk_tokens: int):
+    def __init__(self, slots: int, context_length: int, prefill_chunk_tokens: int,
+                 prefix_cache: PrefixCache | None = None):
         self.slots = slots
+        self.prefix_cache = prefix_cache  # looked up at placement: only its keys and block count matter here
         self.context_length = context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.free_slots = list(range(slots))
@@ -179,6 +189,7 @@ class Scheduler:
         self.running.remove(victim)
         slot = victim.slot
         victim.slot, victim.cached = None, 0  # its cache is overwritten: it re-prefills when resumed
+        plan.restore = [(s, blocks) for s, blocks in plan.restore if s is not victim]  # placed earlier this step
         victim.preemptions += 1
         if victim.conversation is not None:
             conv = victim.conversation
@@ -188,6 +199,22 @@ class Scheduler:
         self.waiting.append(victim)
         plan.preempted.append(victim)
         return slot
+
+    def _restore_prefix(self, seq: Sequence, plan: StepPlan) -> None:
+        """Start seq from the longest run of prefix-cache blocks its tokens begin with, when that beats what its
+        slot holds. A new prompt keeps at least one token to prefill (its logits); a resumed one needs none."""
+        target = seq.prefill_target()
+        tokens = seq.prompt_ids if not seq.output_ids else [seq.token_at(i) for i in range(target)]
+        limit = target if seq.output_ids else target - 1
+        if limit < self.prefix_cache.block_tokens or limit <= seq.cached:
+            return
+        blocks = self.prefix_cache.match(tokens, limit, seq.cache_scope)
+        restored = len(blocks) * self.prefix_cache.block_tokens
+        if restored > seq.cached:
+            plan.restore.append((seq, blocks))
+            seq.cached = restored
+            if not seq.output_ids:
+                seq.cached_prompt_tokens = restored
 
     def _place(self, seq: Sequence, slot: int, now: float, plan: StepPlan) -> None:
         seq.slot = slot
@@ -201,6 +228,8 @@ class Scheduler:
             reuse = min(common_prefix(conv.tokens, seq.prompt_ids), len(seq.prompt_ids) - 1) if not seq.output_ids else 0
             seq.cached = seq.cached_prompt_tokens = reuse
             conv.busy = True
+        if self.prefix_cache is not None and seq.cache_scope is not None:
+            self._restore_prefix(seq, plan)
         if seq.started is None:
             seq.started = now
             plan.admitted.append(seq)

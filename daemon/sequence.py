@@ -62,7 +62,7 @@ class FinishEvent:
     total_s: float
     stop_sequence: str = ""
     message: str = ""
-    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the conversation's cache
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the conversation's or the prefix cache
     reprefilled: bool = False  # the conversation's cache had been evicted: its history was prefilled again
     preemptions: int = 0  # times this request was paused for a higher priority class
 
@@ -87,6 +87,7 @@ class Sequence:
     stream_interval: float = 0.0  # seconds between chunks after the first token; 0: every token at once
     grammar: GrammarState | None = None  # the output's format (handed to the sampler at submit)
     tool_calls: ToolCallReader | None = None  # a request with tools: turns the output's call markup into ToolCalls
+    cache_scope: bytes | None = None  # the prefix cache's scope (daemon/prefix_cache.py); None: no prefix cache
     # Engine state.
     slot: int | None = None
     cached: int = 0  # tokens of prompt_ids + output_ids whose K/V are in the slot

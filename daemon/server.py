@@ -24,6 +24,7 @@ from daemon.request_log import ThrottledLog, log_request
 from daemon.request import Failure, Malformed, Request
 from daemon.request_prep import RequestPreparer, RequestRejected, internal
 from daemon.engine import Engine
+from daemon.prefix_cache import MAX_SALT_CHARS, request_scope
 from daemon.sequence import FinishEvent, QueueFullError, Sequence, TokenEvent
 from daemon.session_stream import SessionStream
 from daemon.tokenizer import Tokenizer
@@ -85,6 +86,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.preparer = RequestPreparer(tokenizer, engine.context_length, generation, self.limits,
                                         bundle.path / "tokenizer.json", stream_interval_ms, structured)
         self.draining = False  # set on SIGTERM: new requests are refused with UNAVAILABLE
+        self.prefix_scope = "shared"  # prefix_cache.scope: whose cached prompts a request may reuse (with a cache)
         self.live: set[Sequence] = set()  # submitted and not finished (event loop only)
         self.all_done = asyncio.Event()  # set while `live` is empty
         self.all_done.set()
@@ -96,8 +98,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Prepare and submit one request; raises RequestRejected (INTERNAL for a failure of the server's own)."""
         if self.draining:  # early, to spare the tokenizer pool; _submit checks again, after the await below
             raise shutting_down()
+        if len(req.cache_salt) > MAX_SALT_CHARS:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"cache_salt has {len(req.cache_salt)} characters; at most {MAX_SALT_CHARS}")
         try:
             seq = await self.preparer.sequence(req, call_time_left, conversation)
+            if self.engine.prefix_cache is not None:
+                seq.cache_scope = request_scope(self.prefix_scope, request.peer, req.cache_salt)
             self._submit(request, seq)
         except RequestRejected:
             raise
