@@ -37,7 +37,7 @@ from bundle_format.bundle import load_bundle
 from daemon.config import parse_config
 from daemon.prefix_cache import create_prefix_cache
 from daemon_overhead import alternating_rounds, bundle_path, spread  # bench/ is on sys.path
-from edgellm.client import connect
+from edgellm.client import NO_RETRIES, Client
 from edgellm.v1 import edgellm_pb2 as pb
 
 
@@ -96,17 +96,17 @@ def wait_serving(address: str, proc: subprocess.Popen, t0: float, timeout: float
 
 def ask(address: str, ids: list[int], new_tokens: int = 1, salt: str = "") -> tuple[float, list[int], int]:
     """(time to first token s, the generated ids, Usage.cached_prompt_tokens) as a client sees them."""
-    _, stub = connect(address)
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_new_tokens=new_tokens, ignore_eos=True,
                              cache_salt=salt)
-    t0 = time.perf_counter()
-    first, out, cached = None, [], -1
-    for msg in stub.Generate(req, timeout=600):
-        if msg.HasField("tokens") and msg.tokens.token_ids:
-            first = first or time.perf_counter()
-            out += msg.tokens.token_ids
-        elif msg.HasField("finished"):
-            cached = msg.finished.usage.cached_prompt_tokens
+    with Client(address, retry=NO_RETRIES) as client:
+        t0 = time.perf_counter()
+        first, out, cached = None, [], -1
+        for msg in client.stub.Generate(req, timeout=600):
+            if msg.HasField("tokens") and msg.tokens.token_ids:
+                first = first or time.perf_counter()
+                out += msg.tokens.token_ids
+            elif msg.HasField("finished"):
+                cached = msg.finished.usage.cached_prompt_tokens
     return first - t0, out, cached
 
 

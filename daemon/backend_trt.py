@@ -36,6 +36,7 @@ import numpy as np
 
 from bundle_format.bundle import Bundle, BundleError
 from bundle_format.decode_buckets import decode_bucket, decode_buckets
+from bundle_format.kv_cache import KvCacheLayout
 from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compatible, check_kv_aliases,
                                     check_kv_rows_aligned, check_memory, check_set_input_shape,
                                     check_set_tensor_address, decode_profile, fill_decode_inputs, kv_cache_pairs,
@@ -64,6 +65,29 @@ class _Step:
     positions: np.ndarray  # what a decode step fills, with input_ids: each row's position, -1 if idle
     graph: CudaGraph | None = None
     profile: int = 0  # its optimization profile (named when TensorRT refuses a shape)
+
+
+@dataclass(frozen=True)
+class KvCopy:
+    """One 2D copy between a layer's K (kv=0) or V (kv=1) cache and a host block: `rows` rows (one per KV head) of
+    `width` bytes, `device_pitch` apart in the cache (a head's max_seq positions) and `host_pitch` in the block."""
+    layer: int
+    kv: int
+    device_offset: int  # bytes from the start of that layer's K or V buffer
+    device_pitch: int
+    host_pitch: int
+    width: int
+    rows: int
+
+
+def kv_copy_plan(layout: KvCacheLayout, row_bytes: int, slot: int, start: int, tokens: int) -> list[KvCopy]:
+    """The copies that move positions [start, start + tokens) of a slot between the cache, per layer and K/V one
+    [slots, kv_heads, max_seq, head_dim] buffer whose slot rows are row_bytes apart, and a host block
+    [layers, 2, kv_heads, tokens, head_dim] (a head's positions are contiguous on both sides)."""
+    position_bytes = layout.head_dim * np.dtype(block_dtype(layout)).itemsize
+    return [KvCopy(layer, kv, slot * row_bytes + start * position_bytes, layout.max_seq * position_bytes,
+                   tokens * position_bytes, tokens * position_bytes, layout.num_kv_heads)
+            for layer in range(layout.num_layers) for kv in (0, 1)]
 
 
 class TrtBackend:
@@ -300,26 +324,24 @@ class TrtBackend:
     # ---- the prefix cache's copies (daemon/prefix_cache.py) ---------------------------------------------
     def _kv_copy(self, slot: int, start: int, tokens: int, host: np.ndarray, to_host: bool) -> None:
         """Copy positions [start, start + tokens) of a slot between every layer's K/V cache and host
-        [layers, 2, kv_heads, tokens, head_dim]: per layer and K/V one 2D copy of kv_heads rows (a row: that
-        head's positions, contiguous on both sides; the device rows are max_seq positions apart)."""
-        cuda, layout = self._cuda, self.layout
-        position_bytes = layout.head_dim * host.dtype.itemsize
-        for (i, kind), buf in self._cache.items():
-            side = host[i, 0 if kind == "key" else 1]  # contiguous [kv_heads, tokens, head_dim]
-            device = int(buf) + slot * self._row_bytes + start * position_bytes
+        [layers, 2, kv_heads, tokens, head_dim], as kv_copy_plan lays the copies out."""
+        cuda = self._cuda
+        for c in kv_copy_plan(self.layout, self._row_bytes, slot, start, tokens):
+            side = host[c.layer, c.kv]  # contiguous [kv_heads, tokens, head_dim]
+            device = int(self._cache[c.layer, ("key", "value")[c.kv]]) + c.device_offset
             copy = cuda.Memcpy2D()
             if to_host:
                 copy.set_src_device(device)
-                copy.src_pitch = layout.max_seq * position_bytes
+                copy.src_pitch = c.device_pitch
                 copy.set_dst_host(side)
-                copy.dst_pitch = tokens * position_bytes
+                copy.dst_pitch = c.host_pitch
             else:
                 copy.set_src_host(side)
-                copy.src_pitch = tokens * position_bytes
+                copy.src_pitch = c.host_pitch
                 copy.set_dst_device(device)
-                copy.dst_pitch = layout.max_seq * position_bytes
-            copy.width_in_bytes = tokens * position_bytes
-            copy.height = layout.num_kv_heads
+                copy.dst_pitch = c.device_pitch
+            copy.width_in_bytes = c.width
+            copy.height = c.rows
             copy(self.stream)  # on the steps' stream: after the prefill that wrote them, before the next step
         self.stream.synchronize()
 

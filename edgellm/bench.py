@@ -13,6 +13,7 @@ fraction of that roofline. (Run the bench on the daemon's machine for this to me
 from __future__ import annotations
 
 import asyncio
+import secrets
 import json
 import os
 import time
@@ -74,14 +75,14 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_position: int, rows: i
 
 
 async def _one_request(client: AsyncClient, prompt: list[int], new_tokens: int,
-                       stream_interval_ms: int | None) -> tuple[float, list[float], int]:
+                       stream_interval_ms: int | None, cache_salt: str = "") -> tuple[float, list[float], int]:
     """(time to first token, inter-token gaps, tokens) of one request. A chunk of n tokens (stream_interval_ms)
     gives each of them 1/n of the time since the previous chunk: the pace, not the zeros within a chunk."""
     t0 = time.perf_counter()
     first, last, tokens = 0.0, 0.0, 0
     gaps: list[float] = []
     async for chunk in client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True,
-                                       stream_interval_ms=stream_interval_ms):
+                                       stream_interval_ms=stream_interval_ms, cache_salt=cache_salt):
         if n := len(chunk.token_ids):
             now = time.perf_counter()
             if tokens:
@@ -95,6 +96,8 @@ async def _one_request(client: AsyncClient, prompt: list[int], new_tokens: int,
 async def run_level(address: str | None, concurrency: int, prompt_tokens: int, new_tokens: int, rounds: int,
                     vocab_size: int, stream_interval_ms: int | None = None) -> LevelResult:
     rng = np.random.default_rng(concurrency)
+    # The prompts repeat from run to run (a fixed seed): a fresh prefix-cache scope keeps every run's prefill cold.
+    salt = secrets.token_hex(8)
     # No retries: a request the daemon refused would be timed as if it were slow.
     async with AsyncClient(address, retry=NO_RETRIES) as client:
 
@@ -102,7 +105,7 @@ async def run_level(address: str | None, concurrency: int, prompt_tokens: int, n
             out = []
             for _ in range(rounds):
                 prompt = rng.integers(100, vocab_size - 100, prompt_tokens).tolist()
-                out.append(await _one_request(client, prompt, new_tokens, stream_interval_ms))
+                out.append(await _one_request(client, prompt, new_tokens, stream_interval_ms, salt))
             return out
 
         t0 = time.perf_counter()

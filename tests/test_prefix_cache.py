@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bundle_format.kv_cache import KvCacheLayout
-from conftest import TINY_CONTEXT, DaemonThread, generate, wait_until
+from conftest import DaemonThread, generate
 from daemon.config import ConfigError, parse_config
 from daemon.engine import Engine
 from daemon.prefix_cache import (SNAPSHOT_NAME, PrefixCache, SnapshotWriter, create_prefix_cache, namespace,
@@ -453,84 +453,45 @@ def test_warm_prompts_are_cached_before_serving(tiny_bundle, tmp_path):
     assert not (tmp_path / "prefix").exists()  # persist: false
 
 
-# ---- the TensorRT backend's copies, on a fake pycuda over host memory (tests/gpu has the real one) ---------
-class FakeDeviceMemory:
-    """Device memory as one host byte array, at a fake base address; Memcpy2D as pycuda documents it."""
-
-    BASE = 1 << 32
-
-    def __init__(self, nbytes: int):
-        self.bytes = np.zeros(nbytes, np.uint8)
-        mem = self
-
-        class Memcpy2D:
-            def set_src_device(self, ptr):
-                self.src = ("device", int(ptr) - mem.BASE)
-
-            def set_src_host(self, buf):
-                assert buf.flags.c_contiguous
-                self.src = ("host", buf)
-
-            def set_dst_device(self, ptr):
-                self.dst = ("device", int(ptr) - mem.BASE)
-
-            def set_dst_host(self, buf):
-                assert buf.flags.c_contiguous
-                self.dst = ("host", buf)
-
-            def __call__(self, stream=None):
-                for row in range(self.height):
-                    src = self._bytes(self.src, row * self.src_pitch)
-                    dst = self._bytes(self.dst, row * self.dst_pitch)
-                    dst[:] = src
-
-            def _bytes(self, side, offset):
-                kind, where = side
-                raw = mem.bytes[where:] if kind == "device" else where.reshape(-1).view(np.uint8)
-                return raw[offset:offset + self.width_in_bytes]
-
-        self.Memcpy2D = Memcpy2D
+# ---- the TensorRT backend's copies: their addressing as plain arithmetic (tests/gpu runs the real copies) -------
+def apply_copies(plan, buffers: dict, row_bytes: int, host: np.ndarray, to_host: bool) -> None:
+    """Carry out kv_copy_plan's 2D copies with numpy on byte arrays that stand for the device buffers, as
+    cuMemcpy2D defines a copy: `rows` rows of `width` bytes, each side's rows its pitch apart."""
+    for c in plan:
+        device = buffers[c.layer, c.kv]
+        block = host[c.layer, c.kv].reshape(-1).view(np.uint8)
+        for r in range(c.rows):
+            d = device[c.device_offset + r * c.device_pitch:][:c.width]
+            h = block[r * c.host_pitch:][:c.width]
+            (h if to_host else d)[:] = d if to_host else h
 
 
 def test_tensorrt_block_copies_address_the_right_positions():
-    import threading
-    import types
-
-    from daemon.backend_trt import TrtBackend
+    from daemon.backend_trt import kv_copy_plan
+    from daemon.prefix_cache import block_dtype, block_shape
 
     layout = KvCacheLayout(num_layers=2, num_kv_heads=3, max_seq=24, head_dim=4, dtype="float16")
-    slots = 3
-    row = layout.num_kv_heads * layout.max_seq * layout.head_dim  # elements of one layer's K of one slot
-    mem = FakeDeviceMemory(2 * layout.num_layers * slots * row * 2)
-    # What the device holds, as the engine lays it out: per layer and K/V one [slots, kv_heads, max_seq, head_dim].
-    arrays = {}
-    backend = object.__new__(TrtBackend)
-    backend._cuda, backend.layout, backend.slots = mem, layout, slots
-    backend._row_bytes = row * 2
-    backend._ctx_threads = {threading.get_ident()}
-    backend.stream = types.SimpleNamespace(synchronize=lambda: None)
-    backend._cache = {}
-    at = 0
+    slots, row_bytes = 3, 3 * 24 * 4 * 2 + 256  # rows padded as an aligned layout may pad them
     rng = np.random.default_rng(0)
-    for i in range(layout.num_layers):
-        for kind in ("key", "value"):
-            view = mem.bytes[at:at + slots * row * 2].view(np.float16).reshape(slots, 3, 24, 4)
-            view[:] = rng.standard_normal(view.shape)
-            arrays[i, kind] = view
-            backend._cache[i, kind] = mem.BASE + at
-            at += slots * row * 2
-    kv = backend.read_kv(1, 5, 13)
-    assert kv.shape == (2, 2, 3, 8, 4) and kv.dtype == np.float16
+    buffers = {(i, kv): rng.integers(0, 256, slots * row_bytes, dtype=np.uint8) for i in range(2) for kv in (0, 1)}
+
+    def cache(i, kv):  # [slots, kv_heads, max_seq, head_dim] over a slot's row, padding left out
+        rows = buffers[i, kv].reshape(slots, row_bytes)[:, :3 * 24 * 4 * 2]
+        return rows.view(np.float16).reshape(slots, 3, 24, 4)
+
+    kv = np.empty(block_shape(layout, 8), block_dtype(layout))
+    apply_copies(kv_copy_plan(layout, row_bytes, 1, 5, 8), buffers, row_bytes, kv, to_host=True)
     for i in range(2):
-        np.testing.assert_array_equal(kv[i, 0], arrays[i, "key"][1, :, 5:13])
-        np.testing.assert_array_equal(kv[i, 1], arrays[i, "value"][1, :, 5:13])
-    before = {k: a.copy() for k, a in arrays.items()}
-    backend.write_kv(2, 16, kv)
-    for (i, kind), a in arrays.items():
-        np.testing.assert_array_equal(a[2, :, 16:24], kv[i, 0 if kind == "key" else 1])
-        outside = np.ones(a.shape, bool)
-        outside[2, :, 16:24] = False
-        np.testing.assert_array_equal(a[outside], before[i, kind][outside])  # nothing else written
+        np.testing.assert_array_equal(kv[i, 0], cache(i, 0)[1, :, 5:13])
+        np.testing.assert_array_equal(kv[i, 1], cache(i, 1)[1, :, 5:13])
+    before = {k: b.copy() for k, b in buffers.items()}
+    apply_copies(kv_copy_plan(layout, row_bytes, 2, 16, 8), buffers, row_bytes, kv, to_host=False)
+    for i in range(2):
+        for k in (0, 1):
+            np.testing.assert_array_equal(cache(i, k)[2, :, 16:24], kv[i, k])
+            written = np.zeros((slots, row_bytes), bool)
+            written[2, :3 * 24 * 4 * 2].reshape(3, 24, 8)[:, 16:24] = True
+            np.testing.assert_array_equal(buffers[i, k][~written.reshape(-1)], before[i, k][~written.reshape(-1)])
 
 
 def test_edgellm_serve_restores_its_snapshot_before_ready_and_skips_a_corrupt_one(tiny_bundle):
@@ -538,7 +499,7 @@ def test_edgellm_serve_restores_its_snapshot_before_ready_and_skips_a_corrupt_on
     import shutil
     import tempfile
 
-    from edgellm.client import connect
+    from edgellm.client import Client
     from test_startup_faults import Serve
 
     folder = Path(tempfile.mkdtemp(prefix="elp-", dir="/tmp"))  # short: a Unix socket path
@@ -549,8 +510,9 @@ def test_edgellm_serve_restores_its_snapshot_before_ready_and_skips_a_corrupt_on
         args = ["--bundle", str(tiny_bundle), "--config", str(config), "--unix", str(sock), "--log-level", "info"]
 
         def ask() -> tuple[list[int], int]:
-            ids, _, fin = generate(connect(f"unix:{sock}")[1], token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=6,
-                                   ignore_eos=True)
+            with Client(f"unix:{sock}") as client:
+                ids, _, fin = generate(client.stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=6,
+                                       ignore_eos=True)
             return ids, fin.usage.cached_prompt_tokens
 
         first = Serve(folder, args)

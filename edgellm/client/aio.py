@@ -74,11 +74,8 @@ class AsyncClient:
 
     async def complete(self, prompt: Prompt, *, timeout: float | None = None, **options) -> Completion:
         stream = self.generate(prompt, timeout=timeout, **options)
-        text, ids = [], []
-        async for chunk in stream:
-            text.append(chunk.text)
-            ids += chunk.token_ids
-        return Completion("".join(text), ids, stream.result)
+        chunks = [chunk async for chunk in stream]
+        return Completion.of(chunks, stream.result)
 
     def session(self, *, timeout: float | None = None) -> "AsyncSession":
         """`async with client.session() as s:` many requests and conversations on one stream."""
@@ -262,11 +259,8 @@ class AsyncSessionRequest:
                 self.start()
 
     async def complete(self) -> Completion:
-        text, ids = [], []
-        async for chunk in self:
-            text.append(chunk.text)
-            ids += chunk.token_ids
-        return Completion("".join(text), ids, self.result)
+        chunks = [chunk async for chunk in self]
+        return Completion.of(chunks, self.result)
 
 
 class AsyncConversation:

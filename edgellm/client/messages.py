@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
@@ -20,8 +21,12 @@ PRIORITIES = {"interactive": pb.PRIORITY_INTERACTIVE, "normal": pb.PRIORITY_NORM
 def _chat(messages: Sequence) -> pb.ChatMessages:
     out = pb.ChatMessages()
     for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        out.messages.add(role=role, content=content)
+        if not isinstance(m, Mapping):
+            out.messages.add(role=m[0], content=m[1])
+            continue
+        msg = out.messages.add(role=m["role"], content=m.get("content", ""), tool_call_id=m.get("tool_call_id", ""))
+        for call in m.get("tool_calls", ()):  # an assistant turn's calls, as Chunk.tool_calls gave them
+            msg.tool_calls.add().CopyFrom(call if isinstance(call, pb.ToolCall) else pb.ToolCall(**call))
     return out
 
 
@@ -29,16 +34,37 @@ def make_request(prompt: Prompt, *, max_new_tokens: int | None = None, temperatu
                  top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 0.0,
                  seed: int | None = None, logprobs: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
                  deadline: float | None = None, priority: str | None = None,
-                 stream_interval_ms: int | None = None) -> pb.GenerateRequest:
+                 stream_interval_ms: int | None = None, cache_salt: str = "",
+                 json_schema: Mapping | str | None = None, response_format: pb.ResponseFormat | None = None,
+                 tools: Sequence[Mapping] = (), tool_choice: str | None = None) -> pb.GenerateRequest:
     """A GenerateRequest. deadline: seconds the server gives the request from its arrival (it then ends with
-    finish reason "deadline", keeping what streamed); priority: "interactive", "normal" or "background"."""
+    finish reason "deadline", keeping what streamed); priority: "interactive", "normal" or "background";
+    cache_salt: the prefix cache's scope (docs/prefix-cache.md); json_schema (a dict or JSON text) or
+    response_format: the output's format; tools: {"name", "description", "parameters" (a JSON schema)} dicts,
+    tool_choice: "auto", "none", "required" or a tool's name (docs/structured-output.md)."""
     if isinstance(prompt, pb.GenerateRequest):
         return prompt
     req = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
                              stream_interval_ms=stream_interval_ms,
                              sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                                         repetition_penalty=repetition_penalty, seed=seed,
-                                                        logprobs=logprobs))
+                                                        logprobs=logprobs),
+                             cache_salt=cache_salt)
+    if json_schema is not None:
+        response_format = pb.ResponseFormat(
+            json_schema=json_schema if isinstance(json_schema, str) else json.dumps(json_schema))
+    if response_format is not None:
+        req.response_format.CopyFrom(response_format)
+    for tool in tools:
+        req.tools.add(name=tool["name"], description=tool.get("description", ""),
+                      parameters_json_schema=json.dumps(tool["parameters"]) if "parameters" in tool else "")
+    if tool_choice is not None:
+        modes = {"auto": pb.TOOL_CHOICE_MODE_AUTO, "none": pb.TOOL_CHOICE_MODE_NONE,
+                 "required": pb.TOOL_CHOICE_MODE_REQUIRED}
+        if tool_choice in modes:
+            req.tool_choice.mode = modes[tool_choice]
+        else:
+            req.tool_choice.function = tool_choice
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -58,16 +84,18 @@ def make_request(prompt: Prompt, *, max_new_tokens: int | None = None, temperatu
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Tokens that arrived together: their ids, the text they add (whole characters; may be empty) and, when
-    asked for, one edgellm.v1.TokenLogprob per token (its logprob and the top alternatives)."""
+    """Tokens that arrived together: their ids, the text they add (whole characters; may be empty), when
+    asked for one edgellm.v1.TokenLogprob per token (its logprob and the top alternatives), and the tool calls
+    they completed (edgellm.v1.ToolCall: id, name, arguments as JSON text)."""
 
     text: str
     token_ids: Sequence[int]
     logprobs: Sequence[pb.TokenLogprob] = ()
+    tool_calls: Sequence[pb.ToolCall] = ()
 
     @classmethod
     def of(cls, m: pb.TokenChunk) -> "Chunk":
-        return cls(m.text, m.token_ids, m.logprobs)
+        return cls(m.text, m.token_ids, m.logprobs, m.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -98,8 +126,14 @@ class Result:
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole answer (Client.complete): its text, its token ids and how it ended."""
+    """A whole answer (Client.complete): its text, its token ids, its tool calls and how it ended."""
 
     text: str
     token_ids: list[int]
     result: Result
+    tool_calls: list[pb.ToolCall]
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk], result: Result) -> "Completion":
+        return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], result,
+                   [call for c in chunks for call in c.tool_calls])

@@ -85,11 +85,8 @@ class Client:
     def complete(self, prompt: Prompt, *, timeout: float | None = None, **options) -> Completion:
         """generate(), read to its end."""
         stream = self.generate(prompt, timeout=timeout, **options)
-        text, ids = [], []
-        for chunk in stream:
-            text.append(chunk.text)
-            ids += chunk.token_ids
-        return Completion("".join(text), ids, stream.result)
+        chunks = list(stream)
+        return Completion.of(chunks, stream.result)
 
     def session(self, *, timeout: float | None = None) -> "Session":
         """A Session stream: many requests and conversations at once on one daemon."""
@@ -282,11 +279,8 @@ class SessionRequest:
                 self.start()
 
     def complete(self) -> Completion:
-        text, ids = [], []
-        for chunk in self:
-            text.append(chunk.text)
-            ids += chunk.token_ids
-        return Completion("".join(text), ids, self.result)
+        chunks = list(self)
+        return Completion.of(chunks, self.result)
 
 
 class Conversation:
