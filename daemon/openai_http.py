@@ -6,9 +6,10 @@ validation, limits, queue bound, drain and request log; its engine events come b
 become OpenAI's JSON. Access follows the gRPC TCP listener's rules: TLS (and mutual TLS) from `access`, the
 bearer token of `access.token_file`. `response_format` and `tools` / `tool_choice` become the proto's
 ResponseFormat and Tool / ToolChoice (the same grammar-constrained decoding); the engine's tool calls become
-OpenAI's `tool_calls` (whole, or as streamed deltas) and finish_reason "tool_calls". Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}},
-with the HTTP status its clients map to exceptions (docs/openai-http.md). A client that goes away (a closed
-connection, aiohttp cancels the handler) cancels its engine request.
+OpenAI's `tool_calls` (whole, or as streamed deltas) and finish_reason "tool_calls". Errors have OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status its clients map to exceptions
+(docs/openai-http.md). A client that goes away (a closed connection, aiohttp cancels the handler) cancels its
+engine request.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def _response_format(req: pb.GenerateRequest, fmt: Any) -> None:
     if not isinstance(spec, dict):
         raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'", "response_format")
     _value(spec, "name", str, "a string", "response_format.json_schema.")
-    _value(spec, "strict", bool, "a boolean", "response_format.json_schema.")  # the output always matches the schema, strict or not
+    _value(spec, "strict", bool, "a boolean", "response_format.json_schema.")  # strict or not: the output always matches
     schema = spec.get("schema")
     if schema is None:  # OpenAI's schema is optional: then any JSON object
         req.response_format.json_object = True
