@@ -132,7 +132,10 @@ class OnnxBackend:
         span = max(r.slot for r in rows) - first + 1
         counts = [len(r.token_ids) for r in rows]
         tokens, max_q = sum(counts), max(counts)
-        b = self._binding(first, span, tokens, max_q, sum(r.logits for r in rows))
+        wanted = sum(r.logits for r in rows)
+        # At least one logits row: the graph's Reshape reads a 0 in its shape as "keep this dimension".
+        b = self._binding(first, span, tokens, max_q, max(wanted, 1))
+        b.logits_indices[0, 0] = tokens - 1  # that one, when no row wants any
         b.query_lengths.fill(0)  # rows of the span not in this step: idle, nothing written to their cache
         b.seqlens_k.fill(0)
         b.token_rows.fill(0)
@@ -149,7 +152,7 @@ class OnnxBackend:
             at, picked = at + n, picked + r.logits
         # A step with prompt tokens gives back what it made ONNX Runtime's arena grow by (see __init__).
         self.session.run_with_iobinding(b.io, self._prefill_options if tokens > span else None)
-        return b.logits
+        return b.logits[:wanted]
 
     def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view)."""
