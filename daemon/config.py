@@ -84,7 +84,7 @@ class EngineConfig:
     pin_threads: bool = True  # CPU backend: the step's threads and the gRPC side's on fixed CPUs (daemon/thread_placement.py)
     # Most prompt tokens in one step while others decode (shared by the prompts being prefilled): the step's
     # time, so the decoding requests' inter-token latency, against time to first token (docs/scheduling.md).
-    prefill_chunk_tokens: int = 32
+    prefill_chunk_tokens: int = 16
     # Decode rows and prompt chunks in one forward pass (the weights read once); false: a prefill call, then a
     # decode call, one chunk of one prompt per step (docs/mixed-steps.md).
     mixed_steps: bool = True
