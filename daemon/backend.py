@@ -1,4 +1,5 @@
-"""What the engine needs of a backend: a KV cache of fixed slots, a prefill of one slot, a batched decode.
+"""What the engine needs of a backend: a KV cache of fixed slots and a step over rows of new tokens (forward);
+prefill of one slot and a batched decode are the two plain cases of it.
 
 Each backend owns its fixed buffers (IO bindings, pinned memory, CUDA-graph addresses): the engine hands
 it plain token ids and positions, and it writes them into those buffers itself.
@@ -6,9 +7,20 @@ it plain token ids and positions, and it writes them into those buffers itself.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
+
+
+class StepRow(NamedTuple):
+    """One slot's part of a step: token_ids written at positions start.., logits for the last `logits` of them
+    (1: a decode token or a prompt's last chunk; 0: a chunk in the middle of a prompt; len(token_ids): every
+    position, to verify drafted tokens)."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    logits: int = 1
 
 
 class Backend(Protocol):
@@ -27,6 +39,10 @@ class Backend(Protocol):
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; logits [rows, vocab] indexed by slot (a view, valid
         until the next call; rows past the highest slot, and idle rows below it, hold nothing)."""
+
+    def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
+        """Every row's tokens in one model call (distinct slots); logits [sum of rows' `logits`, vocab], row
+        after row in the order given (a view, valid until the next call)."""
 
     def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """K/V of positions [start, end) of a slot, copied to a new host array [layers, 2 (K, V), kv_heads,

@@ -43,7 +43,7 @@ class EngineFailed(RuntimeError):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, context_length: int, *,
-                 prefill_chunk_tokens: int = 32, max_queued: int = 64,
+                 prefill_chunk_tokens: int = 32, mixed_steps: bool = True, max_queued: int = 64,
                  loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None,
@@ -60,8 +60,8 @@ class Engine:
         self.prefix_cache = prefix_cache  # daemon/prefix_cache.py: prompt blocks shared across requests; None: off
         if prefix_cache is not None:
             prefix_cache.bind_metrics(self.metrics)
-        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache)
-        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache)
+        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache, mixed_steps)
+        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, mixed_steps)
         self.outbox = Outbox()
         self.post = Postprocessor(tokenizer, context_length, self.outbox, self.metrics, self.class_metrics, clock)
         self.pace = Pace()

@@ -1,5 +1,8 @@
 """The model runner: turns a step's plan into backend calls and hands back a logits row per sequence.
 
+A step is one forward pass (Backend.forward) carrying the decode rows and the prompt chunks together, so the
+weights are read once for both; with mixed steps off (engine.mixed_steps) it is a prefill call, then a decode call.
+
 With a prefix cache it also copies the plan's cached blocks into their slots before the model calls, and after
 each prefill chunk keeps the prompt's newly completed blocks in the cache.
 """
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from daemon.backend import Backend
+from daemon.backend import Backend, StepRow
 from daemon.metrics import EngineMetrics
 from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
@@ -30,14 +33,15 @@ class StepStats:
     def __init__(self) -> None:
         self.prefilled = 0  # prompt tokens written to the cache
         self.decoded = 0  # sequences that got a decoded token
-        self.prefill_s = 0.0  # seconds in the prefill call
-        self.calls: dict[str, Exception | None] = {}  # "prefill"/"decode" -> its error, None when it worked
+        self.prefill_s = 0.0  # seconds of the step spent on prompt tokens (a mixed step's share by tokens)
+        self.calls: dict[str, Exception | None] = {}  # "prefill"/"decode"/"step" -> its error, None when it worked
 
 
 class ModelRunner:
     def __init__(self, backend: Backend, metrics: EngineMetrics, clock: Callable[[], float],
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, mixed_steps: bool = True):
         self.backend = backend
+        self.mixed_steps = mixed_steps
         self.metrics = metrics
         self.clock = clock
         self.prefix_cache = prefix_cache
@@ -77,37 +81,87 @@ class ModelRunner:
             except Exception as e:  # this sequence's slot alone: it ends, the others go on
                 failed.add(seq)
                 yield seq, StageFailure("copying the cached prefix into its slot", e)
-        seq = plan.prefill
-        if seq is not None and seq not in failed:
-            start, end = seq.cached, plan.prefill_end
-            started = self.clock()
-            try:
-                logits = self.backend.prefill(seq.slot, [seq.token_at(i) for i in range(start, end)], start)
-            except Exception as e:  # only this sequence was in the call
-                stats.calls["prefill"] = e
-                yield seq, StageFailure(f"prefill of tokens {start}..{end - 1}", e)
-            else:
-                stats.calls["prefill"] = None
-                stats.prefill_s, stats.prefilled, seq.cached = self.clock() - started, end - start, end
-                self.metrics.prompt_tokens.inc(end - start)
-                if self.prefix_cache is not None and seq.cache_scope is not None:
-                    self._keep_prefix(seq)
-                if end == seq.prefill_target() and not seq.output_ids:
-                    self.metrics.cached_prompt_tokens.inc(seq.cached_prompt_tokens)
-                    yield seq, logits
+        prefills = [(s, end) for s, end in plan.prefills if s not in failed]
         seqs = [s for s in plan.decode if s not in failed] if failed else plan.decode
-        if seqs:
-            try:
-                logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
-                                             [s.cached for s in seqs])
-            except Exception as e:  # one call for the whole batch: it cannot tell whose fault it was
-                stats.calls["decode"] = e
-                failure = StageFailure(f"decode step (a batch of {len(seqs)} requests)", e)
-                for s in seqs:
-                    yield s, failure
+        if self.mixed_steps and len(prefills) + bool(seqs) > 1:
+            logits = self._forward(prefills, seqs)
+            if logits is not None:
+                yield from self._forward_rows(prefills, seqs, logits)
                 return
-            stats.calls["decode"] = None
-            stats.decoded = len(seqs)
+        for seq, end in prefills:
+            yield from self._prefill(seq, end)
+        if seqs:
+            yield from self._decode(seqs)
+
+    def _prefilled(self, seq: Sequence, end: int) -> bool:
+        """Book a prefilled chunk; whether it completed a new prompt (whose logits give its first token)."""
+        start = seq.cached
+        self.stats.prefilled += end - start
+        seq.cached = end
+        self.metrics.prompt_tokens.inc(end - start)
+        if self.prefix_cache is not None and seq.cache_scope is not None:
+            self._keep_prefix(seq)
+        if end == seq.prefill_target() and not seq.output_ids:
+            self.metrics.cached_prompt_tokens.inc(seq.cached_prompt_tokens)
+            return True
+        return False
+
+    def _prefill(self, seq: Sequence, end: int) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
+        stats, start = self.stats, seq.cached
+        started = self.clock()
+        try:
+            logits = self.backend.prefill(seq.slot, [seq.token_at(i) for i in range(start, end)], start)
+        except Exception as e:  # only this sequence was in the call
+            stats.calls["prefill"] = e
+            yield seq, StageFailure(f"prefill of tokens {start}..{end - 1}", e)
+            return
+        stats.calls["prefill"] = None
+        stats.prefill_s += self.clock() - started
+        if self._prefilled(seq, end):
+            yield seq, logits
+
+    def _decode(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
+        stats = self.stats
+        try:
+            logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
+                                         [s.cached for s in seqs])
+        except Exception as e:  # one call for the whole batch: it cannot tell whose fault it was
+            stats.calls["decode"] = e
+            failure = StageFailure(f"decode step (a batch of {len(seqs)} requests)", e)
             for s in seqs:
-                s.cached += 1
-                yield s, logits[s.slot]
+                yield s, failure
+            return
+        stats.calls["decode"] = None
+        stats.decoded = len(seqs)
+        for s in seqs:
+            s.cached += 1
+            yield s, logits[s.slot]
+
+    def _forward(self, prefills: list[tuple[Sequence, int]], seqs: list[Sequence]) -> np.ndarray | None:
+        """Decode rows and prompt chunks in one call: a logits row each (a prefill row's last token's). None when
+        the call failed: the step is then run again as separate calls, which tell whose work fails (rewriting
+        the same positions with the same tokens, so a half-written call leaves nothing behind)."""
+        rows = [StepRow(s.slot, (s.output_ids[-1],), s.cached) for s in seqs]
+        rows += [StepRow(s.slot, [s.token_at(i) for i in range(s.cached, end)], s.cached) for s, end in prefills]
+        started = self.clock()
+        try:
+            logits = self.backend.forward(rows)
+        except Exception:
+            log.warning("a step of %d decode rows and %d prompt chunks failed; running it as separate calls",
+                        len(seqs), len(prefills), exc_info=True)
+            return None
+        prompt_tokens = sum(end - s.cached for s, end in prefills)
+        # The pace (daemon/pace.py) wants seconds per prompt token: the step's time shared by its tokens.
+        self.stats.prefill_s += (self.clock() - started) * prompt_tokens / (prompt_tokens + len(seqs))
+        self.stats.calls["step"] = None
+        return logits
+
+    def _forward_rows(self, prefills: list[tuple[Sequence, int]], seqs: list[Sequence],
+                      logits: np.ndarray) -> Iterator[tuple[Sequence, np.ndarray]]:
+        self.stats.decoded = len(seqs)
+        for i, s in enumerate(seqs):
+            s.cached += 1
+            yield s, logits[i]
+        for i, (s, end) in enumerate(prefills, start=len(seqs)):
+            if self._prefilled(s, end):
+                yield s, logits[i]
