@@ -25,8 +25,19 @@ LLAMA_SRC="$SRC/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
 BUILD="$VENV/llama.cpp/build"
 # llama.cpp built for this CPU (native SIMD, OpenMP threads), as a user would build it; shared
 # libraries so that llama-cpp-python can load the very same ones. No web UI download, no curl.
+SIMD=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo; then
+    # -march=native would also compile ggml's AMX kernels, and a VM may list AMX yet fault on its tile
+    # instructions (SIGILL in tinygemm_kernel_amx, measured on an AVX-512 VM): every other SIMD extension
+    # this CPU lists, by name, without AMX.
+    SIMD=(-DGGML_NATIVE=OFF)
+    for f in avx avx2 fma f16c bmi2 avx_vnni avx512f avx512vbmi avx512_vnni avx512_bf16; do
+        opt=$(echo "$f" | tr a-z A-Z | sed 's/AVX512F/AVX512/; s/AVX512VBMI/AVX512_VBMI/')
+        if grep -qw "$f" /proc/cpuinfo; then SIMD+=("-DGGML_$opt=ON"); else SIMD+=("-DGGML_$opt=OFF"); fi
+    done
+fi
 cmake -S "$LLAMA_SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+    "${SIMD[@]}" -DGGML_OPENMP=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 cmake --build "$BUILD" --target llama-server llama -j "$JOBS"
