@@ -307,7 +307,8 @@ def main() -> None:
         print(f"== {name} {precision}", flush=True)
         table[precision] = measure(model, name, precision, others, args)
     flags = cpu_flags()
-    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); CPU flags: {' '.join(flags) or '?'}")
+    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); "
+          f"CPU flags: {' '.join(flags) or '?'}")
     print(f"model {name}; decode: prompt {args.decode_prompt_tokens}, {args.new_tokens} new tokens; prefill: "
           f"{args.prefill_tokens} tokens; batch 1; medians of {args.rounds} alternating rounds, spread in brackets "
           f"({'interquartile' if args.rounds >= 4 else 'min-max'}); ratios are per round, then summarized")
@@ -318,15 +319,17 @@ def main() -> None:
             if runtime == "_machine":
                 continue
             print(f"  {runtime:18s} decode {spread(r['decode_tokens_per_s'], '{:.1f}')} tok/s   prefill "
-                  f"{spread(r['prefill_tokens_per_s'], '{:.0f}')} tok/s   {r['weight_bytes_per_token'] / 1e6:.1f} MB/token"
+                  f"{spread(r['prefill_tokens_per_s'], '{:.0f}')} tok/s   "
+                  f"{r['weight_bytes_per_token'] / 1e6:.1f} MB/token"
                   f"   roofline {spread([100 * x for x in r['roofline_share']], '{:.0f}')}%")
             for key in r:
                 if key.endswith("/decode"):
                     print(f"      {key.split('/')[0]} / {runtime}: decode {spread(r[key])}x, prefill "
                           f"{spread(r[key.replace('decode', 'prefill')])}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": name, "cpu": _cpu_name(), "cpu_flags": flags,
-                                               "cores": os.cpu_count(), "rounds": args.rounds, "table": table}, indent=1))
+        record = {"model": name, "cpu": _cpu_name(), "cpu_flags": flags, "cores": os.cpu_count(),
+                  "rounds": args.rounds, "table": table}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 def _cpu_name() -> str:

@@ -119,9 +119,14 @@ async def llama_request(session, url: str, prompt: list[int], new_tokens: int) -
             if not line.startswith(b"data: "):
                 continue
             event = json.loads(line[6:])
-            pace.chunk(len(event.get("tokens") or []))
             if event.get("stop"):
+                # Tokens it held back (an incomplete UTF-8 character at the end) arrive with the last event
+                # without being listed: count them from its own tally, at the time the client got them.
+                predicted = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n") or 0)
+                listed = len(event.get("tokens") or [])
+                pace.chunk(listed + max(0, predicted - pace.tokens - listed))
                 break
+            pace.chunk(len(event.get("tokens") or []))
     return pace.result()
 
 
@@ -213,10 +218,13 @@ def main() -> None:
                     results[rt][c].append(res)
                     print(f"  round {r + 1} {rt:12s} {c} streams: {res['total_tokens_per_s']:.1f} tok/s", flush=True)
     flags = cpu_flags()
-    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); CPU flags: {' '.join(flags) or '?'}")
-    print(f"model {name}, edgellm {args.precision} beside llama-server {'Q8_0' if args.precision == 'int8' else 'Q4_0'}; "
-          f"{args.slots} slots each, {args.threads} threads; prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-          f"{args.requests_per_stream} requests per stream; medians of {args.rounds} alternating rounds, spread in brackets")
+    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); "
+          f"CPU flags: {' '.join(flags) or '?'}")
+    gguf_type = "Q8_0" if args.precision == "int8" else "Q4_0"
+    print(f"model {name}, edgellm {args.precision} beside llama-server {gguf_type}; {args.slots} slots each, "
+          f"{args.threads} threads; prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"{args.requests_per_stream} requests per stream; medians of {args.rounds} alternating rounds, "
+          f"spread in brackets")
     table = {}
     for c in levels:
         print(f"{c} streams:")
@@ -227,7 +235,8 @@ def main() -> None:
             print(f"  {rt:12s} total {spread(cols['total_tokens_per_s'], '{:.1f}')} tok/s   "
                   f"TTFT p50 {spread(cols['ttft_p50_ms'], '{:.0f}')} p99 {spread(cols['ttft_p99_ms'], '{:.0f}')} ms   "
                   f"ITL p50 {spread(cols['itl_p50_ms'], '{:.1f}')} p99 {spread(cols['itl_p99_ms'], '{:.1f}')} ms")
-        ratio = [e["total_tokens_per_s"] / s["total_tokens_per_s"] for e, s in zip(results["edgellm"][c], results["llama-server"][c])]
+        ratio = [e["total_tokens_per_s"] / s["total_tokens_per_s"]
+                 for e, s in zip(results["edgellm"][c], results["llama-server"][c])]
         print(f"  edgellm / llama-server total tokens/s: {spread(ratio)}x")
         table.setdefault("edgellm/llama-server", {})[c] = ratio
     if args.json:

@@ -85,7 +85,7 @@ SCALE_DIVISORS = np.linspace(6.0, 9.0, 16)
 
 
 def int4_scales(blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """[..., block] float32 weights (importance: [block]-broadcastable weights of the error) -> [...] positive scales."""
+    """[..., block] float32 weights (importance: [block]-broadcastable error weights) -> [...] positive scales."""
     imp = np.ones(blocks.shape[-1], np.float32) if importance is None else importance
     amax = np.abs(blocks).max(-1)
     amax = np.where(amax == 0, 1.0, amax).astype(np.float32)
@@ -129,12 +129,14 @@ def int4_blocks(w: np.ndarray, block: int, importance: np.ndarray | None = None)
     return packed, scales.reshape(-1)
 
 
-def activation_importance(graph_path: Path, model: onnx.ModelProto, ids: list[int], window: int) -> dict[str, np.ndarray]:
-    """Mean square of every weight MatMul's input, per channel, over prefills of ids (model: the saved float32 graph)."""
+def activation_importance(graph_path: Path, model: onnx.ModelProto, ids: list[int],
+                          window: int) -> dict[str, np.ndarray]:
+    """Mean square of every weight MatMul's input, per channel, over prefills of ids (model: graph_path's graph)."""
     from build_engine.graph_session import open_session, prefill_feeds
 
     inits = {t.name for t in model.graph.initializer}
-    names = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits))
+    linear = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    names = list(dict.fromkeys(n.input[0] for n in linear))
     probe = onnx.ModelProto()
     probe.CopyFrom(onnx.load(str(graph_path), load_external_data=False))
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -154,13 +156,13 @@ def activation_importance(graph_path: Path, model: onnx.ModelProto, ids: list[in
 
 
 def _quantize_int4(model: onnx.ModelProto, block: int, importance: dict[str, np.ndarray] | None = None,
-                   only: str | None = None, skip: str | None = None) -> None:
-    """Every MatMul with an initializer weight (or only the node named `only`, or all but `skip`) -> 4-bit MatMulNBits, in place."""
+                   skip: str | None = None) -> None:
+    """Every MatMul with an initializer weight but the node named `skip` -> 4-bit MatMulNBits, in place."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     replaced = set()
     for i, node in enumerate(g.node):
-        if node.op_type != "MatMul" or node.input[1] not in inits or node.name == skip or (only and node.name != only):
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.name == skip:
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         k, n = w.shape

@@ -103,7 +103,8 @@ def test_int4_layout_is_what_matmulnbits_reads():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
                               [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.normal(0, 1, (4, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ deq, atol=1e-4)
