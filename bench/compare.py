@@ -123,7 +123,11 @@ def run(cmd: list[str], **kw) -> str:
 
 
 def edgellm_bundle(model: Path, name: str, precision: str, accuracy_gate: bool) -> Path:
-    out = CACHE / "bundles" / f"{name}-{precision}"
+    from build_engine.weight_quant import BITS, BLOCK_SIZES
+
+    # The block size in the name: a bundle cached from an older int4 layout is not silently reused.
+    out = CACHE / "bundles" / (f"{name}-{precision}-b{BLOCK_SIZES[BITS[precision]]}" if precision in BITS
+                               else f"{name}-{precision}")
     if (out / "manifest.yaml").exists():
         return out
     if accuracy_gate:
