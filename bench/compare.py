@@ -18,8 +18,12 @@ prefill tokens/s of a --prefill-tokens prompt, for
   llama.cpp        llama-cpp-python built from source: the same weights as GGUF (int8 = Q8_0, int4 = Q4_0)
   ORT GenAI        its model builder's graph of the same checkpoint (its int8/int4 MatMulNBits in edgellm's blocks,
                    accuracy level 4)
-and the ratios of each edgellm daemon row to each other runtime (the median of each round's ratio). Everything it builds
-goes to .cache/bench/ (gitignored).
+and the ratios of each edgellm daemon row to each other runtime (the median of each round's ratio, with its spread over
+the rounds: quartiles from 4 rounds on, else min-max). Beside each runtime: the bytes of weights a decode token reads
+(from its own file: edgellm's manifest, the GGUF's tensors, ORT GenAI's graph) and the share of this machine's memory
+bandwidth roofline its decode reached (weights plus the KV cache read per token, against a numpy read-bandwidth test
+run once per round, so that it drifts with the runtimes). The CPU's SIMD flags are printed and recorded. Everything it
+builds goes to .cache/bench/ (gitignored).
 """
 
 from __future__ import annotations
@@ -43,11 +47,74 @@ from daemon_overhead import DirectLoop, alternating_rounds, daemon_rows, default
 
 from bundle_format.bundle import load_bundle  # noqa: E402
 from daemon.huge_pages import reexec_with_huge_pages  # noqa: E402
+from edgellm.bench import measure_read_bandwidth  # noqa: E402
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 CACHE = ROOT / ".cache" / "bench"
 PREFILL_NEW = {"llama.cpp": 1, "genai": 2}  # tokens asked for when timing a prefill (GenAI needs one to decode)
 GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's file type at each bit width
+
+
+# The /proc/cpuinfo flags that decide which kernels llama.cpp and ONNX Runtime pick (prefixes).
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512", "avx_vnni", "amx", "asimd", "sve", "i8mm", "dotprod")
+GATHER_OPS = {"Gather", "GatherBlockQuantized"}  # read a row per token, not the whole table
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of this CPU that matter for these kernels (x86: avx2, avx512*, vnni, amx; arm: asimd, sve...)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(f for f in line.split(":", 1)[1].split() if f.startswith(SIMD_FLAGS))
+    return sorted(flags)
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """Median with its spread over rounds: quartiles from 4 values on, else min-max."""
+    med = statistics.median(values)
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return f"{fmt.format(med)} (IQR {fmt.format(q1)}-{fmt.format(q3)})"
+    return f"{fmt.format(med)} (range {fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def gguf_bytes_per_token(path: Path) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes per position at f16, llama.cpp's default) a decode token of a GGUF reads: every
+    tensor but the token embedding, which is only gathered unless it doubles as the output matrix (tied)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    total = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight" or tied)
+    fields = {f.name: f for f in reader.fields.values()}
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+
+    def value(key: str) -> int:
+        f = fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+    layers, heads, dim = value("block_count"), value("attention.head_count"), value("embedding_length")
+    kv_heads = value("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in fields else heads
+    return total, 2 * layers * kv_heads * (dim // heads) * 2
+
+
+def onnx_bytes_per_token(path: Path) -> int:
+    """Bytes of initializers an ONNX graph's decode step reads whole (all but tables that are only gathered)."""
+    import math
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer if not readers.get(t.name, GATHER_OPS) <= GATHER_OPS)
 
 
 def run(cmd: list[str], **kw) -> str:
@@ -56,7 +123,11 @@ def run(cmd: list[str], **kw) -> str:
 
 
 def edgellm_bundle(model: Path, name: str, precision: str, accuracy_gate: bool) -> Path:
-    out = CACHE / "bundles" / f"{name}-{precision}"
+    from build_engine.weight_quant import BITS, BLOCK_SIZES
+
+    # The block size in the name: a bundle cached from an older int4 layout is not silently reused.
+    out = CACHE / "bundles" / (f"{name}-{precision}-b{BLOCK_SIZES[BITS[precision]]}" if precision in BITS
+                               else f"{name}-{precision}")
     if (out / "manifest.yaml").exists():
         return out
     if accuracy_gate:
@@ -154,13 +225,23 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             files["genai"] = genai_folder(hf_folder(model, name), name, precision)
         except subprocess.CalledProcessError as e:
             print(f"  ORT GenAI's builder failed at {precision}: {e}", flush=True)
+    m = bundle.manifest
+    kv = m["graph"]["kv_cache"]
+    edgellm_kv = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4  # fp32 cache, bytes per position
+    weights = {"edgellm": (m["graph"]["weight_bytes_per_token"], edgellm_kv)}
+    if "llama.cpp" in files:
+        weights["llama.cpp"] = gguf_bytes_per_token(files["llama.cpp"])
+    if "genai" in files:
+        weights["genai"] = (onnx_bytes_per_token(files["genai"] / "model.onnx"), edgellm_kv)  # its cache is fp32 too
     daemons = daemon_rows(args.stream_interval_ms)
     loop = DirectLoop(bundle)
     with serving(bundle_path) as address:
         print(f"  {default_interval_line(address)}", flush=True)
 
         def run_once(runtime: str) -> dict[str, float]:
-            """One decode and one prefill run of `runtime`: tokens/s of each."""
+            """One decode and one prefill run of `runtime`: tokens/s of each (or this machine's read bandwidth)."""
+            if runtime == "bandwidth":
+                return {"bytes_per_s": measure_read_bandwidth(1 << 28)}
             if runtime in daemons:
                 interval = daemons[runtime]
                 return {"decode_tokens_per_s": through_daemon(address, decode_prompt, args.new_tokens, interval)[1],
@@ -172,16 +253,24 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             return {"decode_tokens_per_s": worker(runtime, f, args.decode_prompt_tokens, args.new_tokens)["decode_tokens_per_s"],
                     "prefill_tokens_per_s": worker(runtime, f, args.prefill_tokens, PREFILL_NEW[runtime])["prefill_tokens_per_s"]}
 
-        runs = alternating_rounds([*daemons, "direct", *files], args.rounds, run_once)
+        runs = alternating_rounds(["bandwidth", *daemons, "direct", *files], args.rounds, run_once)
+    bandwidth = [r["bytes_per_s"] for r in runs.pop("bandwidth")]
+    mean_position = args.decode_prompt_tokens + args.new_tokens / 2
     keys = ("decode_tokens_per_s", "prefill_tokens_per_s")
-    table = {rt: {k: statistics.median(r[k] for r in rs) for k in keys} for rt, rs in runs.items()}
-    for rt in table:
+    table: dict[str, dict] = {"_machine": {"read_bandwidth_gb_s": [b / 1e9 for b in bandwidth]}}
+    for rt, rs in runs.items():
+        w, kv_per_position = weights["edgellm" if rt in daemons or rt == "direct" else rt]
+        step = w + kv_per_position * mean_position
+        table[rt] = {k: [r[k] for r in rs] for k in keys}
+        table[rt]["weight_bytes_per_token"] = w
+        # Share of the roofline, round by round: bytes this decode streamed per second / that round's bandwidth.
+        table[rt]["roofline_share"] = [r["decode_tokens_per_s"] * step / b for r, b in zip(rs, bandwidth)]
+    for rt in runs:
         if rt in daemons:
             continue
         for row in daemons:
             for k in keys:
-                table[rt][f"{row}/{k.split('_')[0]}"] = statistics.median(
-                    d[k] / o[k] for d, o in zip(runs[row], runs[rt]))
+                table[rt][f"{row}/{k.split('_')[0]}"] = [d[k] / o[k] for d, o in zip(runs[row], runs[rt])]
     return table
 
 
@@ -195,7 +284,9 @@ def main() -> None:
     ap.add_argument("--decode-prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="alternating rounds (9: enough for quartiles that state the spread honestly on a shared "
+                         "machine; 3 gave ratios whose spread was wider than the effects)")
     ap.add_argument("--stream-interval-ms", type=int, default=0,
                     help="also measure the daemon with its requests asking for tokens batched this far apart "
                          "(GenerateRequest.stream_interval_ms)")
@@ -219,18 +310,30 @@ def main() -> None:
     for precision in args.precisions.split(","):
         print(f"== {name} {precision}", flush=True)
         table[precision] = measure(model, name, precision, others, args)
-    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); model {name}; decode: prompt "
-          f"{args.decode_prompt_tokens}, {args.new_tokens} new tokens; prefill: {args.prefill_tokens} tokens; "
-          f"batch 1, median of {args.rounds} interleaved rounds")
+    flags = cpu_flags()
+    print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores ({_cpu_name()}); "
+          f"CPU flags: {' '.join(flags) or '?'}")
+    print(f"model {name}; decode: prompt {args.decode_prompt_tokens}, {args.new_tokens} new tokens; prefill: "
+          f"{args.prefill_tokens} tokens; batch 1; medians of {args.rounds} alternating rounds, spread in brackets "
+          f"({'interquartile' if args.rounds >= 4 else 'min-max'}); ratios are per round, then summarized")
     for precision, rows in table.items():
-        print(f"{precision}:")
+        bw = rows["_machine"]["read_bandwidth_gb_s"]
+        print(f"{precision}: read bandwidth {spread(bw, '{:.1f}')} GB/s")
         for runtime, r in rows.items():
-            ratios = "".join(f"   {key.split('/')[0]}/{runtime}: decode {r[key]:.2f}x, prefill {r[key.replace('decode', 'prefill')]:.2f}x"
-                             for key in r if key.endswith("/decode"))
-            print(f"  {runtime:18s} decode {r['decode_tokens_per_s']:7.1f} tok/s   prefill "
-                  f"{r['prefill_tokens_per_s']:7.1f} tok/s{ratios}")
+            if runtime == "_machine":
+                continue
+            print(f"  {runtime:18s} decode {spread(r['decode_tokens_per_s'], '{:.1f}')} tok/s   prefill "
+                  f"{spread(r['prefill_tokens_per_s'], '{:.0f}')} tok/s   "
+                  f"{r['weight_bytes_per_token'] / 1e6:.1f} MB/token"
+                  f"   roofline {spread([100 * x for x in r['roofline_share']], '{:.0f}')}%")
+            for key in r:
+                if key.endswith("/decode"):
+                    print(f"      {key.split('/')[0]} / {runtime}: decode {spread(r[key])}x, prefill "
+                          f"{spread(r[key.replace('decode', 'prefill')])}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": name, "table": table}, indent=1))
+        record = {"model": name, "cpu": _cpu_name(), "cpu_flags": flags, "cores": os.cpu_count(),
+                  "rounds": args.rounds, "table": table}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 def _cpu_name() -> str:

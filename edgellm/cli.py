@@ -276,6 +276,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         summary = {k: m[k] for k in ("bundle_id", "created", "edgellm_version", "target", "precision", "source", "runtimes")}
         summary["model"] = m["model"]
         summary["context_length"] = bundle.context_length
+        # What a decode step streams: the figure that bounds decode speed on a CPU (bandwidth / bytes per token).
+        summary["weight_bytes_per_token"] = m["graph"].get("weight_bytes_per_token")
+        if "bits_per_weight" in m.get("quantization", {}):
+            summary["bits_per_weight"] = m["quantization"]["bits_per_weight"]
         summary["files"] = list(m["files"])
         print(yaml.safe_dump(summary, sort_keys=False), end="")
         return verify_and_report(bundle, args) if args.verify or args.trust or args.config else 0

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from tokenizers import Tokenizer
 
 from build_engine.accuracy import THRESHOLDS, AccuracyError, all_position_logits
 from build_engine.build import BuildError, build_bundle
 from build_engine.cpu_graph import build_cpu_graph
 from build_engine.graph_builder import save_graph
-from build_engine.weight_quant import LM_HEAD_NODE, quantize_weights
+from build_engine.weight_quant import (BLOCK_SIZES, LM_HEAD_NODE, bits_per_weight, int4_blocks, int4_scales,
+                                       quantize_weights)
 from bundle_format.bundle import load_bundle
 from bundle_format.kv_cache import KvCacheLayout
 from daemon.backend_onnx import OnnxBackend, create_cpu_backend
@@ -65,6 +67,64 @@ def test_every_linear_layer_becomes_matmulnbits(tiny_graphs, tiny_loaded):
         assert head == {"bits": 8, "block_size": 64}  # 8 bits for the vocabulary projection, whatever the layers get
         layer_bits = {a.i for out, n in nbits.items() if out != LM_HEAD_NODE for a in n.attribute if a.name == "bits"}
         assert layer_bits == {bits}
+        blocks = {a.i for out, n in nbits.items() if out != LM_HEAD_NODE for a in n.attribute if a.name == "block_size"}
+        assert blocks == {64}  # 8.5 and 4.5 bits per weight: Q8_0's and Q4_0's
+
+
+@pytest.mark.parametrize("precision, layers", [("int8", 8.5), ("int4", 4.5)])
+def test_bits_per_weight_match_llama_cpp_formats(tiny_graphs, precision, layers):
+    """int4 streams Q4_0's 4.5 bits per weight (4-bit levels + an fp32 scale per 64 rows), int8 Q8_0's 8.5; the
+    vocabulary projection is 8.5 at both."""
+    model = onnx.load(tiny_graphs[precision])
+    assert bits_per_weight(model) == {"layers": layers, "vocabulary_projection": 8.5}
+
+
+def _dequantize_int4(packed: np.ndarray, scales: np.ndarray, k: int, block: int) -> np.ndarray:
+    n = packed.shape[0]
+    levels = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1, block).astype(np.float32) - 8
+    return (levels * scales.reshape(n, -1, 1)).reshape(n, -1)[:, :k].T
+
+
+def test_int4_layout_is_what_matmulnbits_reads():
+    """The packed levels and scales, dequantized here, are the matrix ONNX Runtime's kernel multiplies by (low
+    nibble first, blocks along K, K padded to whole blocks): a wrong order or offset is off by the weights' size."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, n, block = 160, 48, BLOCK_SIZES[4]  # 160 rows: the last block is padded
+    w = rng.normal(0, 0.1, (k, n)).astype(np.float32)
+    packed, scales = int4_blocks(w, block)
+    assert packed.shape == (n, 3, block // 2) and scales.shape == (n * 3,) and (scales > 0).all()
+    deq = _dequantize_int4(packed, scales, k, block)
+    assert np.abs(deq - w).mean() <= 0.35 * scales.mean()  # rounding: a quarter of a level on average, plus clipping
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(0, 1, (4, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ deq, atol=1e-4)
+
+
+def test_int4_scale_search_beats_the_q4_0_rule_where_activations_are_large():
+    """The searched scales lose less than llama.cpp's Q4_0 rule (largest magnitude / 8), in the error weighted by
+    the activations' sizes; weighting by them keeps the rows with large activations better than an unweighted search."""
+    rng = np.random.default_rng(2)
+    blocks = rng.standard_t(4, (512, 64)).astype(np.float32) * 0.05  # heavy tails, as trained weights have
+    importance = np.exp(rng.normal(0, 1.5, 64)).astype(np.float32)  # a few channels carry most of the activation
+
+    def weighted_error(scales: np.ndarray) -> float:
+        q = np.clip(np.rint(blocks / scales[:, None]), -8, 7)
+        return float((importance * np.square(q * scales[:, None] - blocks)).sum())
+
+    q4_0 = weighted_error(np.abs(blocks).max(-1) / 8)
+    unweighted, weighted = weighted_error(int4_scales(blocks)), weighted_error(int4_scales(blocks, importance))
+    assert weighted < unweighted < q4_0
+    assert weighted < 0.9 * q4_0
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -108,6 +168,35 @@ def test_int8_bundle_reports_accuracy_and_reads_fewer_bytes(tiny_checkpoint, tin
     assert "MatMulNBits" in m["quantization"]["method"]
     fp32_bytes = load_bundle(tiny_bundle).manifest["graph"]["weight_bytes_per_token"]
     assert 0 < m["graph"]["weight_bytes_per_token"] < 0.4 * fp32_bytes
+
+
+def test_int4_bundle_passes_its_accuracy_check_and_accounts_its_bytes(tmp_path, capsys):
+    """A tiny model with weights of a trained model's size (std 0.02) builds at int4 within the int4 limits; the
+    manifest records Q4_0's bits per weight, and its bytes per token are the levels, scales and fp32 leftovers."""
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", initializer_range=0.02, hidden_size=128,
+                                intermediate_size=256, head_dim=32)
+    path = build_bundle(ckpt, tmp_path / "int4", precision="int4", context_length=MAX_SEQ - 1)
+    m = load_bundle(path).manifest
+    acc = m["accuracy"]
+    assert acc["perplexity_ratio"] <= THRESHOLDS["int4"][0] and acc["top1_agreement"] >= THRESHOLDS["int4"][1]
+    assert acc["top1_agreement"] < 1.0  # it is quantized
+    assert m["quantization"]["bits_per_weight"] == {"layers": 4.5, "vocabulary_projection": 8.5}
+    spec = m["model"]
+    h, i, layers, vocab = spec["hidden_size"], spec["intermediate_size"], spec["num_layers"], spec["vocab_size"]
+    qkv = (spec["num_heads"] + 2 * spec["num_kv_heads"]) * spec["head_dim"]
+    linear = layers * (h * qkv + spec["num_heads"] * spec["head_dim"] * h + h * 2 * i + i * h)
+    fp32 = 4 * (layers * 2 * h + h)  # the norms' weights
+    rope = 4 * (MAX_SEQ * spec["head_dim"])  # the cos and sin tables (half a head each)
+    expected = linear * 4.5 / 8 + h * vocab * 8.5 / 8 + fp32 + rope
+    assert expected <= m["graph"]["weight_bytes_per_token"] < expected + 256  # + a few shape and split constants
+    from edgellm.cli import main
+
+    assert main(["info", str(path)]) == 0  # what a user sees
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["weight_bytes_per_token"] == m["graph"]["weight_bytes_per_token"]
+    assert shown["bits_per_weight"] == {"layers": 4.5, "vocabulary_projection": 8.5}
 
 
 def test_a_build_that_loses_too_much_is_refused(tiny_checkpoint, tmp_path):
