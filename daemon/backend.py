@@ -1,4 +1,5 @@
-"""What the engine needs of a backend: a KV cache of fixed slots, a prefill of one slot, a batched decode.
+"""What the engine needs of a backend: a KV cache of fixed slots, a prefill of one slot, a batched decode, and a
+multi-position score of one slot (speculative decoding's verify pass).
 
 Each backend owns its fixed buffers (IO bindings, pinned memory, CUDA-graph addresses): the engine hands
 it plain token ids and positions, and it writes them into those buffers itself.
@@ -27,6 +28,11 @@ class Backend(Protocol):
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; logits [rows, vocab] indexed by slot (a view, valid
         until the next call; rows past the highest slot, and idle rows below it, hold nothing)."""
+
+    def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write token_ids at positions start.. of one slot; the logits of every one of them [n, vocab] (a view,
+        valid until the next call). Speculative decoding's verify pass: rejected positions are simply written
+        over later (the caller counts only what it keeps)."""
 
     def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """K/V of positions [start, end) of a slot, copied to a new host array [layers, 2 (K, V), kv_heads,

@@ -81,6 +81,7 @@ class OnnxBackend:
         # Logits of at most one position per row at a time: [slots, 1, vocab], reused every step.
         self._logits = np.empty((slots, 1, vocab_size), np.float32)
         self._decode_bindings: dict[int, _Binding] = {}  # by row count
+        self._score_bindings: dict[tuple[int, int], _Binding] = {}  # by (slot, tokens)
         # Prefill gives ONNX Runtime's arena back what a long chunk made it grow by: otherwise the longest prompt
         # ever seen would keep its activations' memory for the life of the daemon. Decode steps need no more
         # than their first call did.
@@ -91,10 +92,14 @@ class OnnxBackend:
     def kv_cache_bytes(self) -> int:
         return self.layout.bytes_per_row() * self.slots
 
-    def _bind(self, first_row: int, rows: int, tokens: int) -> _Binding:
+    def _bind(self, first_row: int, rows: int, tokens: int, logits: np.ndarray | None = None) -> _Binding:
+        """A binding of rows first_row.. with `tokens` input positions each; logits [rows, n_logits, vocab] into
+        `logits` (default: one position per row, into the shared buffer)."""
+        if logits is None:
+            logits = self._logits[first_row:first_row + rows]
         io = self.session.io_binding()
         b = _Binding(io, np.zeros((rows, tokens), np.int64), np.zeros(rows, np.int32), np.full(rows, tokens, np.int32),
-                     np.zeros((rows, 1), np.int64), self._logits[first_row:first_row + rows], np.zeros(rows, np.int32))
+                     np.zeros((rows, logits.shape[1]), np.int64), logits, np.zeros(rows, np.int32))
         for name in ("input_ids", "seqlens_k", "query_lengths", "logits_indices"):
             arr = getattr(b, name)
             io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
@@ -116,6 +121,18 @@ class OnnxBackend:
         b.logits_indices[0, 0] = n - 1
         self.session.run_with_iobinding(b.io, self._prefill_options)
         return b.logits[0, 0]
+
+    def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one slot; returns the logits of every one of them [n, vocab] (a view)."""
+        n = len(token_ids)
+        b = self._score_bindings.get((slot, n))
+        if b is None:  # a few draft lengths per slot: kept, so a verify pass allocates nothing
+            b = self._score_bindings[(slot, n)] = self._bind(slot, 1, n, np.empty((1, n, self.vocab_size), np.float32))
+            b.logits_indices[0] = np.arange(n)
+        b.input_ids[0] = token_ids
+        b.seqlens_k[0] = start + n - 1
+        self.session.run_with_iobinding(b.io)
+        return b.logits[0]
 
     def _decode_binding(self, rows: int) -> _Binding:
         b = self._decode_bindings.get(rows)

@@ -1,5 +1,8 @@
 """The model runner: turns a step's plan into backend calls and hands back a logits row per sequence.
 
+With speculative decoding, the decode batch's speculating sequences leave it: each gets a verify pass of its own
+(Backend.score of its last token and draft), yielded as a Verification for the speculator to accept.
+
 With a prefix cache it also copies the plan's cached blocks into their slots before the model calls, and after
 each prefill chunk keeps the prompt's newly completed blocks in the cache.
 """
@@ -15,6 +18,7 @@ from daemon.backend import Backend
 from daemon.metrics import EngineMetrics
 from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
+from daemon.speculative import Speculator, Verification
 
 if TYPE_CHECKING:
     from daemon.prefix_cache import PrefixCache
@@ -36,8 +40,9 @@ class StepStats:
 
 class ModelRunner:
     def __init__(self, backend: Backend, metrics: EngineMetrics, clock: Callable[[], float],
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, speculator: Speculator | None = None):
         self.backend = backend
+        self.speculator = speculator  # daemon/speculative.py; None: no speculative decoding
         self.metrics = metrics
         self.clock = clock
         self.prefix_cache = prefix_cache
@@ -60,8 +65,9 @@ class ModelRunner:
         except Exception:
             log.exception("keeping a prompt's blocks in the prefix cache failed")
 
-    def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
-        """Each sequence with the logits row of its next token, or the failure of the call it was in.
+    def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | Verification | StageFailure]]:
+        """Each sequence with the logits row of its next token (a speculating one: its Verification), or the
+        failure of the call it was in.
 
         A row is a view of the backend's reused buffer: the caller samples it before asking for the next.
         The prefilled sequence yields a row only when its prompt is complete; a sequence resumed after a
@@ -96,18 +102,52 @@ class ModelRunner:
                     self.metrics.cached_prompt_tokens.inc(seq.cached_prompt_tokens)
                     yield seq, logits
         seqs = [s for s in plan.decode if s not in failed] if failed else plan.decode
+        verifies: list[tuple[Sequence, list[int]]] = []
+        draft_s = 0.0
+        if self.speculator is not None and seqs:
+            started = self.clock()
+            verifies = self.speculator.plan(seqs)
+            if verifies:  # drafting is part of what speculation costs: shared out among the verify passes
+                draft_s = (self.clock() - started) / len(verifies)
+                speculating = {s for s, _ in verifies}
+                seqs = [s for s in seqs if s not in speculating]
         if seqs:
-            try:
-                logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
-                                             [s.cached for s in seqs])
-            except Exception as e:  # one call for the whole batch: it cannot tell whose fault it was
-                stats.calls["decode"] = e
-                failure = StageFailure(f"decode step (a batch of {len(seqs)} requests)", e)
-                for s in seqs:
-                    yield s, failure
-                return
-            stats.calls["decode"] = None
-            stats.decoded = len(seqs)
+            yield from self._decode(seqs)
+        for seq, draft in verifies:
+            yield seq, self._verify(seq, draft, draft_s)
+
+    def _decode(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
+        """One token for each of seqs, in one batch."""
+        stats = self.stats
+        started = self.clock()
+        try:
+            logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
+                                         [s.cached for s in seqs])
+        except Exception as e:  # one call for the whole batch: it cannot tell whose fault it was
+            stats.calls["decode"] = e
+            failure = StageFailure(f"decode step (a batch of {len(seqs)} requests)", e)
             for s in seqs:
-                s.cached += 1
-                yield s, logits[s.slot]
+                yield s, failure
+            return
+        if self.speculator is not None:
+            self.speculator.decoded(seqs, self.clock() - started)
+        stats.calls["decode"] = None
+        stats.decoded = len(seqs)
+        for s in seqs:
+            s.cached += 1
+            yield s, logits[s.slot]
+
+    def _verify(self, seq: Sequence, draft: list[int], draft_s: float) -> Verification | StageFailure:
+        """Score seq's last token and its draft at positions seq.cached.. in one call (seq.cached is then set by
+        the speculator, as far as the draft is kept)."""
+        stats = self.stats
+        start = seq.cached
+        started = self.clock()
+        try:
+            logits = self.backend.score(seq.slot, [seq.output_ids[-1], *draft], start)
+        except Exception as e:  # this sequence alone was in the call
+            stats.calls["decode"] = e
+            return StageFailure(f"verify pass of {len(draft)} drafted tokens", e)
+        stats.calls.setdefault("decode", None)  # a failed batch decode in this step still counts
+        stats.decoded += 1
+        return Verification(draft, logits, start, self.clock() - started + draft_s)

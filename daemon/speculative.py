@@ -1,0 +1,185 @@
+"""Speculative decoding: draft a sequence's next tokens cheaply, then check them all with one target-model pass.
+
+Drafts come from prompt lookup (the latest n tokens of prompt + output found earlier in them: what followed
+there is the draft; no extra model) or from a draft model (daemon/draft_model.py: a smaller bundle with the
+same tokenizer, with its own KV cache per slot).
+
+Verification: the target scores [last token, d0 .. dk-1] at positions cached.. of the sequence's slot in one
+call (Backend.score), giving the logits of k+1 positions. Row i is sampled by the request's own sampler, as
+without speculation (penalties, grammar mask, logprobs from the target's raw logits, stop strings, ends); when
+the token drawn is d_i, row i+1 is valid too and is sampled next, else the step ends there, keeping the drawn
+token. A draft is one token per position (a point mass q), for which speculative sampling's rule ("accept d
+with probability min(1, p(d)/q(d)), else draw from max(p - q, 0) normalized") is exactly this: accept with
+probability p(d), else a token from p without d. So greedy output is token-for-token the one without
+speculation, and a seeded sampler draws one number per emitted token either way, so seeded output is the same
+too. A grammar only ever sees tokens that are kept: nothing to roll back.
+
+KV cache: the rejected positions were written but are not counted in seq.cached, so the next step overwrites
+them (the cache is static with per-row lengths); conversations and the prefix cache only keep what
+seq.cached counts.
+
+Cost control: a verify pass costs more than a one-token decode. Each request keeps a ledger: the seconds its
+verify passes saved (tokens they gave x the measured one-row decode time, minus their own time), against the
+seconds it has spent decoding. While the ledger is below -max_slowdown of that time, the request decodes
+plainly; its plain steps grow the allowance until it tries again. So a request whose drafts keep failing runs
+at most ~max_slowdown slower than without speculation, while one whose drafts hit keeps speculating.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import numpy as np
+
+from daemon.sequence import Sequence
+
+if TYPE_CHECKING:
+    from daemon.config import SpeculativeConfig
+    from daemon.postprocess import Ending
+
+_EWMA = 0.1  # weight of the newest one-row decode time in its running average
+
+
+class PromptLookup:
+    """Prompt-lookup drafting for one sequence: an index of every n-gram (ngram_min..ngram_max tokens) of its
+    prompt + output to where its latest earlier occurrence was followed, updated as tokens come (O(n) a token)."""
+
+    def __init__(self, ngram_min: int, ngram_max: int):
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.tokens: list[int] = []
+        self._follow: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram_max + 1)]  # by n
+
+    def extend(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self.tokens.append(t)
+            end = len(self.tokens) - 1  # the new token's index: it follows the n-grams ending just before it
+            for n in range(self.ngram_min, min(self.ngram_max, end) + 1):
+                self._follow[n][tuple(self.tokens[end - n:end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest n-gram the tokens end with."""
+        toks = self.tokens
+        for n in range(min(self.ngram_max, len(toks)), self.ngram_min - 1, -1):
+            at = self._follow[n].get(tuple(toks[-n:]))
+            if at is not None:
+                return toks[at:at + k]
+        return []
+
+
+class Drafter(Protocol):
+    """Where drafts come from (prompt lookup needs none: it lives in each request's SpecState)."""
+
+    def draft(self, seq: Sequence, state: SpecState, k: int) -> list[int]: ...
+
+    def accepted(self, seq: Sequence, state: SpecState) -> None:
+        """The target kept seq.cached tokens: the draft's own cache rolls back to match."""
+
+
+class SpecState:
+    """One request's speculation: its prompt-lookup index, its ledger and its counts."""
+
+    __slots__ = ("lookup", "saved_s", "decode_s", "steps", "drafted", "accepted", "draft_cached", "draft_slot")
+
+    def __init__(self, ngram_min: int, ngram_max: int):
+        self.lookup = PromptLookup(ngram_min, ngram_max)
+        self.saved_s = 0.0  # seconds its verify passes saved (negative: lost) against plain decoding
+        self.decode_s = 0.0  # seconds of the steps it decoded in, plain or verify
+        self.steps = 0  # verify passes
+        self.drafted = 0  # draft tokens verified
+        self.accepted = 0  # draft tokens kept
+        self.draft_cached = 0  # a draft model's: tokens of this sequence its cache holds
+        self.draft_slot: int | None = None
+
+
+class Verification:
+    """A verify pass's result for one sequence: the draft and the target's logits rows [k+1, vocab] (a view of
+    the backend's buffer: sampled before the next call), with the call's seconds."""
+
+    __slots__ = ("draft", "logits", "start", "seconds")
+
+    def __init__(self, draft: list[int], logits: np.ndarray, start: int, seconds: float):
+        self.draft, self.logits, self.start, self.seconds = draft, logits, start, seconds
+
+
+class Speculator:
+    """Decides which sequences speculate in a step, drafts for them, and keeps what their verify passes gave."""
+
+    def __init__(self, config: SpeculativeConfig, context_length: int, drafter: Drafter | None = None):
+        self.config = config
+        self.context_length = context_length
+        self.drafter = drafter  # None: prompt lookup
+        self.decode_row_s: float | None = None  # running average of a one-row decode call
+        # Totals over every request, for benchmarks and tests.
+        self.steps = self.drafted = self.accepted = self.emitted = 0
+
+    def state(self, seq: Sequence) -> SpecState:
+        st = seq.speculation
+        if st is None:
+            st = seq.speculation = SpecState(self.config.ngram_min, self.config.ngram_max)
+        return st
+
+    def plan(self, decode: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """The sequences of a step's decode batch that speculate, each with its draft (others decode plainly)."""
+        if len(decode) > self.config.max_batch or self.decode_row_s is None:
+            return []  # the one-row decode time is what the ledger is kept in: measured first
+        drafts = []
+        for seq in decode:
+            if not seq.speculative:
+                continue
+            st = self.state(seq)
+            if st.saved_s < -self.config.max_slowdown * st.decode_s:
+                continue
+            # Positions cached..cached+k are written; tokens past max_new_tokens would be thrown away.
+            k = min(self.config.max_draft_tokens, self.context_length - seq.cached - 1,
+                    seq.max_new_tokens - len(seq.output_ids) - 1)
+            if k < 1:
+                continue
+            draft = self._draft(seq, st, k)
+            if draft:
+                drafts.append((seq, draft))
+        return drafts
+
+    def _draft(self, seq: Sequence, st: SpecState, k: int) -> list[int]:
+        if self.drafter is not None:
+            return self.drafter.draft(seq, st, k)
+        lookup = st.lookup
+        have = len(lookup.tokens)
+        total = len(seq.prompt_ids) + len(seq.output_ids)
+        if have < total:
+            lookup.extend([seq.token_at(i) for i in range(have, total)])
+        return lookup.draft(k)
+
+    def decoded(self, seqs: list[Sequence], seconds: float) -> None:
+        """A plain decode call of seqs took `seconds`: the one-row average, and each request's decode time."""
+        if len(seqs) == 1:
+            avg = self.decode_row_s
+            self.decode_row_s = seconds if avg is None else avg + _EWMA * (seconds - avg)
+        for seq in seqs:
+            if seq.speculation is not None:
+                seq.speculation.decode_s += seconds
+
+    def verify(self, seq: Sequence, v: Verification, accept: Callable[[Sequence, np.ndarray], Ending | None]) -> Ending | None:
+        """Sample v's rows in turn with `accept` (the postprocessor's: sample, stream, end) while the drawn token is
+        the draft's; seq.cached counts only the positions whose token was kept. How seq ends, if it does."""
+        draft, start = v.draft, v.start
+        ending = None
+        emitted = 0
+        for i in range(len(draft) + 1):
+            seq.cached = start + i + 1  # positions start..start+i hold the last token and the drafts kept
+            ending = accept(seq, v.logits[i])
+            emitted += 1
+            if ending is not None or i == len(draft) or seq.output_ids[-1] != draft[i]:
+                break
+        st = self.state(seq)
+        st.steps += 1
+        st.drafted += len(draft)
+        st.accepted += emitted - 1
+        st.decode_s += v.seconds
+        st.saved_s += emitted * (self.decode_row_s or 0.0) - v.seconds
+        self.steps += 1
+        self.drafted += len(draft)
+        self.accepted += emitted - 1
+        self.emitted += emitted
+        if self.drafter is not None and ending is None:
+            self.drafter.accepted(seq, st)
+        return ending
