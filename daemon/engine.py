@@ -65,7 +65,7 @@ class Engine:
             prefix_cache.bind_metrics(self.metrics)
         self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache)
         # daemon/speculative.py: drafts checked in one pass; None when off (or the config leaves it off).
-        self.speculator = (Speculator(speculative, context_length, drafter)
+        self.speculator = (Speculator(speculative, context_length, drafter, self.metrics)
                            if speculative is not None and speculative.enabled else None)
         self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, self.speculator)
         self.outbox = Outbox()

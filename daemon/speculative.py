@@ -35,6 +35,7 @@ from daemon.sequence import Sequence
 
 if TYPE_CHECKING:
     from daemon.config import SpeculativeConfig
+    from daemon.metrics import EngineMetrics
     from daemon.postprocess import Ending
 
 _EWMA = 0.1  # weight of the newest one-row decode time in its running average
@@ -78,10 +79,14 @@ class Drafter(Protocol):
 class SpecState:
     """One request's speculation: its prompt-lookup index, its ledger and its counts."""
 
-    __slots__ = ("lookup", "saved_s", "decode_s", "steps", "drafted", "accepted", "draft_cached", "draft_slot")
+    __slots__ = ("lookup", "k", "saved_s", "decode_s", "steps", "drafted", "accepted", "draft_cached", "draft_slot")
 
-    def __init__(self, ngram_min: int, ngram_max: int):
+    def __init__(self, ngram_min: int, ngram_max: int, k: int):
         self.lookup = PromptLookup(ngram_min, ngram_max)
+        # The next draft's length: doubled after a draft kept whole, else one past what was kept. A failed draft
+        # then costs little (a pass of 2 or 3 positions is barely slower than a decode) and a run of hits soon
+        # drafts the most.
+        self.k = k
         self.saved_s = 0.0  # seconds its verify passes saved (negative: lost) against plain decoding
         self.decode_s = 0.0  # seconds of the steps it decoded in, plain or verify
         self.steps = 0  # verify passes
@@ -104,8 +109,10 @@ class Verification:
 class Speculator:
     """Decides which sequences speculate in a step, drafts for them, and keeps what their verify passes gave."""
 
-    def __init__(self, config: SpeculativeConfig, context_length: int, drafter: Drafter | None = None):
+    def __init__(self, config: SpeculativeConfig, context_length: int, drafter: Drafter | None = None,
+                 metrics: EngineMetrics | None = None):
         self.config = config
+        self.metrics = metrics
         self.context_length = context_length
         self.drafter = drafter  # None: prompt lookup
         self.decode_row_s: float | None = None  # running average of a one-row decode call
@@ -115,7 +122,8 @@ class Speculator:
     def state(self, seq: Sequence) -> SpecState:
         st = seq.speculation
         if st is None:
-            st = seq.speculation = SpecState(self.config.ngram_min, self.config.ngram_max)
+            st = seq.speculation = SpecState(self.config.ngram_min, self.config.ngram_max,
+                                             min(2, self.config.max_draft_tokens))
         return st
 
     def plan(self, decode: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -130,7 +138,7 @@ class Speculator:
             if st.saved_s < -self.config.max_slowdown * st.decode_s:
                 continue
             # Positions cached..cached+k are written; tokens past max_new_tokens would be thrown away.
-            k = min(self.config.max_draft_tokens, self.context_length - seq.cached - 1,
+            k = min(st.k, self.context_length - seq.cached - 1,
                     seq.max_new_tokens - len(seq.output_ids) - 1)
             if k < 1:
                 continue
@@ -171,6 +179,7 @@ class Speculator:
             if ending is not None or i == len(draft) or seq.output_ids[-1] != draft[i]:
                 break
         st = self.state(seq)
+        st.k = min(2 * st.k, self.config.max_draft_tokens) if emitted > len(draft) else emitted
         st.steps += 1
         st.drafted += len(draft)
         st.accepted += emitted - 1
@@ -180,6 +189,10 @@ class Speculator:
         self.drafted += len(draft)
         self.accepted += emitted - 1
         self.emitted += emitted
+        if self.metrics is not None:
+            self.metrics.speculative_passes.inc()
+            self.metrics.speculative_drafted_tokens.inc(len(draft))
+            self.metrics.speculative_accepted_tokens.inc(emitted - 1)
         if self.drafter is not None and ending is None:
             self.drafter.accepted(seq, st)
         return ending
