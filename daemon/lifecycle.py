@@ -30,7 +30,7 @@ from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_di
 from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.prefix_cache import PrefixCache, SnapshotWriter, create_prefix_cache, warm_prompts
 from daemon.request_log import reopen_log_files
-from daemon.speculative import Drafter
+from daemon.speculative import Drafter, load_draft_model
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
@@ -420,6 +420,11 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     placement = default_placement(config.engine.threads) if pin else None
     try:
         backend = create_backend(bundle, config, placement)
+        drafter = None
+        if config.speculative.enabled and config.speculative.draft_bundle:
+            drafter = load_draft_model(config.speculative.draft_bundle, bundle, backend.slots,
+                                       config.speculative.draft_threads,
+                                       (lambda b: verify_signed_bundle(b, trusted)) if trusted is not None else None)
         tokenizer = await tokenizer_loading
     except Exception:
         await asyncio.gather(tokenizer_loading, return_exceptions=True)  # its own failure, if any, is not the news
@@ -441,7 +446,8 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
         log.info("stop requested while loading: exiting without serving")
         notifier.close()
         return
-    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls, prefix_cache)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls, prefix_cache,
+                    drafter)
     try:
         await daemon.start()
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "

@@ -1,8 +1,8 @@
 """Speculative decoding: draft a sequence's next tokens cheaply, then check them all with one target-model pass.
 
 Drafts come from prompt lookup (the latest n tokens of prompt + output found earlier in them: what followed
-there is the draft; no extra model) or from a draft model (daemon/draft_model.py: a smaller bundle with the
-same tokenizer, with its own KV cache per slot).
+there is the draft; no extra model) or from a draft model (DraftModel: a smaller bundle with the same tokenizer,
+on its own CPU backend with a KV cache row per slot).
 
 Verification: the target scores [last token, d0 .. dk-1] at positions cached.. of the sequence's slot in one
 call (Backend.score), giving the logits of k+1 positions. Row i is sampled by the request's own sampler, as
@@ -27,6 +27,9 @@ at most ~max_slowdown slower than without speculation, while one whose drafts hi
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
@@ -34,6 +37,8 @@ import numpy as np
 from daemon.sequence import Sequence
 
 if TYPE_CHECKING:
+    from bundle_format.bundle import Bundle
+    from daemon.backend import Backend
     from daemon.config import SpeculativeConfig
     from daemon.metrics import EngineMetrics
     from daemon.postprocess import Ending
@@ -196,3 +201,73 @@ class Speculator:
         if self.drafter is not None and ending is None:
             self.drafter.accepted(seq, st)
         return ending
+
+
+class DraftModel:
+    """A draft model: a smaller bundle with the target's tokenizer on its own CPU backend, one KV cache row per slot.
+
+    Its cache follows the target's: a sequence's tokens are prefilled into its slot from where they last agreed,
+    then k greedy decode steps draft (greedy: a point mass, so the target's rule stays exact whatever it samples).
+    After the target's verdict it counts only the positions whose tokens were kept; the rest are written over."""
+
+    def __init__(self, backend: Backend, context_length: int, target_vocab: int):
+        self.backend = backend
+        self.context_length = context_length
+        self.target_vocab = target_vocab
+        # Whose tokens each slot of the draft cache holds: a slot another request drafted in since is stale.
+        self._owner: list[Sequence | None] = [None] * backend.slots
+
+    def draft(self, seq: Sequence, state: SpecState, k: int) -> list[int]:
+        slot, total = seq.slot, len(seq.prompt_ids) + len(seq.output_ids)
+        if total + k > self.context_length:
+            return []
+        if self._owner[slot] is not seq:
+            self._owner[slot], state.draft_cached = seq, 0
+        # The first call feeds every known token the draft cache lacks (at least the last output) ...
+        start = state.draft_cached
+        if start < total - 1:
+            logits = self.backend.prefill(slot, [seq.token_at(i) for i in range(start, total)], start)
+        else:
+            logits = self.backend.decode([slot], [seq.output_ids[-1]], [total - 1])[slot]
+        draft = [int(np.argmax(logits))]
+        # ... then each drafted token but the last is fed to draft the next.
+        for j in range(k - 1):
+            draft.append(int(np.argmax(self.backend.decode([slot], [draft[-1]], [total + j])[slot])))
+        state.draft_cached = total + k - 1
+        # A vocabulary padded past the target's could yield an id the target has no row for: cut there.
+        bad = next((i for i, t in enumerate(draft) if t >= self.target_vocab), len(draft))
+        return draft[:bad]
+
+    def accepted(self, seq: Sequence, state: SpecState) -> None:
+        """The target kept seq.cached positions; the draft's positions past them hold rejected tokens."""
+        state.draft_cached = min(state.draft_cached, seq.cached)
+
+
+def tokenizer_fingerprint(bundle_path: Path) -> str:
+    """sha256 of a bundle's tokenizer: its vocabulary, merges and added tokens (what decides the token ids)."""
+    data = json.loads((Path(bundle_path) / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    key = [model.get("type"), model.get("vocab"), model.get("merges"),
+           sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens", []))]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def load_draft_model(path: str, target: Bundle, slots: int, threads: int,
+                     check: Callable[[Bundle], None] | None = None) -> DraftModel:
+    """speculative.draft_bundle's draft model (its files checked against its manifest, then by `check`, e.g. its
+    signature, before anything is loaded); ConfigError when it cannot draft for `target`."""
+    from bundle_format.bundle import load_bundle
+    from daemon.backend_onnx import create_cpu_backend
+    from daemon.config import ConfigError
+
+    draft = load_bundle(Path(path))
+    if check is not None:
+        check(draft)
+    if draft.manifest.get("target", "cpu") != "cpu":
+        raise ConfigError(f"speculative.draft_bundle: {path} is a {draft.manifest.get('target')} bundle; "
+                          f"the draft model runs on ONNX Runtime's CPU backend (build it with --target cpu)")
+    if tokenizer_fingerprint(draft.path) != tokenizer_fingerprint(target.path):
+        raise ConfigError(f"speculative.draft_bundle: {path} has another tokenizer than {target.path} (its "
+                          f"vocabulary or merges differ): a draft model must share the model's token ids")
+    backend = create_cpu_backend(draft, slots, threads)
+    return DraftModel(backend, draft.context_length, int(target.model["vocab_size"]))

@@ -433,3 +433,93 @@ def test_generate_request_opts_out_through_the_daemon(tiny_bundle, tmp_path):
         assert sp.steps > 0  # unset: allowed
     finally:
         d.stop()
+
+
+# ---- a draft model ---------------------------------------------------------------------------------------------
+def _draft_model(bundle_path: Path, target_path: Path, slots: int):
+    from bundle_format.bundle import load_bundle
+    from daemon.speculative import load_draft_model
+
+    return load_draft_model(str(bundle_path), load_bundle(target_path), slots, 1)
+
+
+@pytest.mark.parametrize("draft_arch", ["llama", "qwen2"])
+def test_draft_model_output_is_the_same_and_its_cache_follows(tiny_bundles, draft_arch):
+    """The model itself as its own draft agrees (nearly) always, which holds only while the draft's cache follows
+    the kept tokens exactly; another model's drafts are mostly rejected, and the output stays the same."""
+    target = tiny_bundles("llama")
+    prompts = [PROMPT, [60, 61, 62, 63]]
+    truths = {tuple(p): tokens(alone(target, p, 40, ignore_eos=True)[0]) for p in prompts}
+    spec = SpeculativeConfig(enabled=True, max_draft_tokens=5)
+    r = Run(target, spec, _draft_model(tiny_bundles(draft_arch), target, 1), slots=1)
+    # One slot: the second request is preempted mid-way (its draft cache slot is then taken by the first).
+    low, low_ev = r.submit(prompts[1], 40, ignore_eos=True, priority=Priority.BACKGROUND)
+    for _ in range(5):
+        r.engine.step()
+    high, high_ev = r.submit(prompts[0], 40, ignore_eos=True, priority=Priority.INTERACTIVE)
+    r.finish()
+    assert finished(low_ev).preemptions == 1
+    assert tokens(high_ev) == truths[tuple(prompts[0])] and tokens(low_ev) == truths[tuple(prompts[1])]
+    sp = r.engine.speculator
+    assert sp.steps > 5
+    if draft_arch == "llama":
+        assert sp.accepted >= 0.95 * sp.drafted
+    else:
+        assert sp.accepted < 0.5 * sp.drafted
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_bundles, tmp_path):
+    import json
+
+    from build_engine.build import build_bundle
+    from daemon.config import ConfigError
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama")
+    tj = json.loads((ckpt / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: the same words, other token ids
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj))
+    other = build_bundle(ckpt, tmp_path / "bundle", context_length=128)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        _draft_model(other, tiny_bundles("llama"), 1)
+
+
+def test_serve_draft_speculates_through_the_daemon(tiny_bundle, tmp_path):
+    import socket as pysocket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import grpc
+
+    from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
+    from test_cli import Served
+
+    with pysocket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"service:\n  metrics: \"127.0.0.1:{port}\"\nprefix_cache:\n  enabled: false\n")
+    sock = tmp_path / "s.sock"
+    served = Served("--bundle", str(tiny_bundle), "--draft", str(tiny_bundle), "--config", str(config),
+                    "--unix", str(sock), "--slots", "1", log=tmp_path / "log")
+    try:
+        assert served.wait_ready(120), (tmp_path / "log").read_text()
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"unix:{sock}"))
+        fields = dict(token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=30, ignore_eos=True,
+                      sampling=pb.SamplingParams(temperature=0))
+        plain, _, _ = generate(stub, speculative=False, **fields)
+        spec, _, _ = generate(stub, **fields)
+        assert spec == plain
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        passes = float(next(line.split()[1] for line in text.splitlines()
+                            if line.startswith("edgellm_speculative_passes_total")))
+        assert passes > 0
+    finally:
+        assert served.stop() == 0
+    bad = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--bundle", str(tiny_bundle), "--draft",
+                          str(tmp_path / "missing"), "--unix", str(tmp_path / "t.sock")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
