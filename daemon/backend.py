@@ -17,6 +17,7 @@ class Backend(Protocol):
     slots: int
     threads: int  # CPU threads a step keeps busy (the caller's included); 0 where the model runs elsewhere (a GPU)
     cuda_graphs: str  # one line for GetModel: which decode batch sizes replay a CUDA graph; "" where none can
+    max_score_tokens: int  # most positions score() takes at once; 0 where it cannot (no speculative decoding)
 
     @property
     def kv_cache_bytes(self) -> int: ...

@@ -53,6 +53,7 @@ class OnnxBackend:
         self.layout = layout
         self.slots = slots
         self.vocab_size = vocab_size
+        self.max_score_tokens = layout.max_seq  # a verify pass is a prefill that keeps every position's logits
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -65,8 +65,15 @@ class Engine:
             prefix_cache.bind_metrics(self.metrics)
         self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache)
         # daemon/speculative.py: drafts checked in one pass; None when off (or the config leaves it off).
-        self.speculator = (Speculator(speculative, context_length, drafter, self.metrics)
-                           if speculative is not None and speculative.enabled else None)
+        self.speculator = None
+        if speculative is not None and speculative.enabled:
+            max_tokens = getattr(backend, "max_score_tokens", 0)
+            if max_tokens > 1:
+                self.speculator = Speculator(speculative, context_length, drafter, self.metrics, max_tokens - 1)
+            else:
+                log.warning("speculative decoding is off: the %s backend cannot verify drafts (%s)", backend.name,
+                            "its engine has no verify profile: compile the bundle again" if backend.name.startswith(
+                                "tensorrt") else "no multi-position score")
         self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, self.speculator)
         self.outbox = Outbox()
         self.post = Postprocessor(tokenizer, context_length, self.outbox, self.metrics, self.class_metrics, clock)

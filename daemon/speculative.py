@@ -115,8 +115,10 @@ class Speculator:
     """Decides which sequences speculate in a step, drafts for them, and keeps what their verify passes gave."""
 
     def __init__(self, config: SpeculativeConfig, context_length: int, drafter: Drafter | None = None,
-                 metrics: EngineMetrics | None = None):
+                 metrics: EngineMetrics | None = None, max_draft_tokens: int | None = None):
         self.config = config
+        # The draft's most tokens: the config's, within what the backend's verify pass takes.
+        self.max_draft_tokens = min(config.max_draft_tokens, max_draft_tokens or config.max_draft_tokens)
         self.metrics = metrics
         self.context_length = context_length
         self.drafter = drafter  # None: prompt lookup
@@ -128,7 +130,7 @@ class Speculator:
         st = seq.speculation
         if st is None:
             st = seq.speculation = SpecState(self.config.ngram_min, self.config.ngram_max,
-                                             min(2, self.config.max_draft_tokens))
+                                             min(2, self.max_draft_tokens))
         return st
 
     def plan(self, decode: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -184,7 +186,7 @@ class Speculator:
             if ending is not None or i == len(draft) or seq.output_ids[-1] != draft[i]:
                 break
         st = self.state(seq)
-        st.k = min(2 * st.k, self.config.max_draft_tokens) if emitted > len(draft) else emitted
+        st.k = min(2 * st.k, self.max_draft_tokens) if emitted > len(draft) else emitted
         st.steps += 1
         st.drafted += len(draft)
         st.accepted += emitted - 1

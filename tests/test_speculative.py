@@ -338,6 +338,7 @@ class _TimedBackend:
         self.inner = FakeBackend(1)
         self.clock, self.verify_s = clock, verify_s
         self.slots, self.name, self.threads, self.cuda_graphs, self.kv_cache_bytes = 1, "fake", 0, "", 0
+        self.max_score_tokens = 64
 
     def prefill(self, *a):
         return self.inner.prefill(*a)
@@ -523,3 +524,64 @@ def test_serve_draft_speculates_through_the_daemon(tiny_bundle, tmp_path):
                           str(tmp_path / "missing"), "--unix", str(tmp_path / "t.sock")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- the backends' verify pass ---------------------------------------------------------------------------------
+def test_onnx_score_gives_the_logits_decode_would(tiny_bundle):
+    from bundle_format.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    a, b = create_cpu_backend(bundle, 2, threads=1), create_cpu_backend(bundle, 2, threads=1)
+    for be in (a, b):
+        be.prefill(1, PROMPT, 0)
+    step = [40, 41, 42, 43]
+    decoded = [a.decode([1], [t], [len(PROMPT) + i])[1].copy() for i, t in enumerate(step)]
+    scored = b.score(1, step, len(PROMPT))
+    assert scored.shape == (4, bundle.model["vocab_size"])
+    np.testing.assert_allclose(scored, np.stack(decoded), atol=1e-4)
+    # Rejected positions are simply written over: score again from the middle with other tokens.
+    again = b.score(1, [50, 51], len(PROMPT) + 2)
+    fresh = create_cpu_backend(bundle, 2, threads=1)
+    expected = fresh.prefill(1, [*PROMPT, 40, 41, 50, 51], 0)
+    np.testing.assert_allclose(again[-1], expected, atol=1e-4)
+
+
+def test_engine_without_a_verify_pass_does_not_speculate():
+    from test_engine import Clock, FakeBackend, FakeTokenizer
+
+    backend = FakeBackend(1)
+    backend.max_score_tokens = 0  # a TensorRT engine compiled before the verify profile
+    eng = Engine(backend, FakeTokenizer(), 64, speculative=SpeculativeConfig(enabled=True), clock=Clock())
+    assert eng.speculator is None
+    done: list = []
+    eng.submit(Sequence([1, 2, 3, 1, 2, 3], SamplingParams(temperature=0), 10, sink=done.append))
+    while eng.scheduler.running or eng.scheduler.waiting:
+        eng.step()
+    assert isinstance(done[-1], FinishEvent) and done[-1].completion_tokens == 10
+
+
+def test_trt_plan_has_a_verify_profile_with_logits_at_every_position():
+    from bundle_format.kv_cache import KvCacheLayout
+    from bundle_format.trt_plan import (MAX_VERIFY_TOKENS, fill_verify_inputs, optimization_profiles,
+                                        packed_input_elements, packed_views, profiles_to_manifest, step_buffer_bytes,
+                                        verify_profile)
+
+    layout = KvCacheLayout(num_layers=2, num_kv_heads=2, max_seq=129, head_dim=16, dtype="float16")
+    profiles = optimization_profiles(layout, slots=6, max_prefill_tokens=100)
+    verify = profiles[verify_profile(6)]
+    assert verify_profile(6) == len(profiles) - 1
+    assert verify["input_ids"] == ((1, 1), (1, 9), (1, MAX_VERIFY_TOKENS))
+    assert verify["logits_indices"] == verify["input_ids"]  # logits at every position
+    assert verify["past_key.0"] == ((1, 2, 129, 16),) * 3
+    assert profiles_to_manifest(profiles)[-1]["name"] == "verify"
+    short = KvCacheLayout(num_layers=2, num_kv_heads=2, max_seq=17, head_dim=16, dtype="float16")
+    assert optimization_profiles(short, 1, 8)[-1]["input_ids"][2] == (1, 16)  # never past the cache
+    buf = np.zeros(packed_input_elements(1, 5, 5), np.int64)
+    views = packed_views(buf, 1, 5, 5)
+    fill_verify_inputs(views, np.array([7, 8, 9, 10, 11]), 40)
+    assert views["input_ids"].tolist() == [[7, 8, 9, 10, 11]]
+    assert views["position_ids"].tolist() == [[40, 41, 42, 43, 44]]
+    assert views["write_indices"].tolist() == [40] and views["logits_indices"].tolist() == [[0, 1, 2, 3, 4]]
+    vocab = 1000
+    extra = step_buffer_bytes(4, vocab, 64, MAX_VERIFY_TOKENS) - step_buffer_bytes(4, vocab, 64)
+    assert extra == 8 * packed_input_elements(1, MAX_VERIFY_TOKENS, MAX_VERIFY_TOKENS) + 4 * MAX_VERIFY_TOKENS * vocab
