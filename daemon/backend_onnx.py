@@ -20,6 +20,7 @@ import onnxruntime as ort
 from bundle_format.bundle import Bundle
 from bundle_format.decode_buckets import decode_bucket
 from bundle_format.kv_cache import KvCacheLayout
+from bundle_format.trt_plan import MAX_VERIFY_TOKENS
 from daemon.backend import write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
@@ -53,7 +54,9 @@ class OnnxBackend:
         self.layout = layout
         self.slots = slots
         self.vocab_size = vocab_size
-        self.max_score_tokens = layout.max_seq  # a verify pass is a prefill that keeps every position's logits
+        # A verify pass (speculative decoding) is a prefill that keeps every position's logits, into one buffer.
+        self.max_score_tokens = min(MAX_VERIFY_TOKENS, layout.max_seq)
+        self._score_logits = np.empty((self.max_score_tokens, vocab_size), np.float32)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -126,9 +129,11 @@ class OnnxBackend:
     def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write tokens at positions start.. of one slot; returns the logits of every one of them [n, vocab] (a view)."""
         n = len(token_ids)
+        if not 0 < n <= self.max_score_tokens:
+            raise ValueError(f"a verify pass takes 1..{self.max_score_tokens} tokens, got {n}")
         b = self._score_bindings.get((slot, n))
         if b is None:  # a few draft lengths per slot: kept, so a verify pass allocates nothing
-            b = self._score_bindings[(slot, n)] = self._bind(slot, 1, n, np.empty((1, n, self.vocab_size), np.float32))
+            b = self._score_bindings[(slot, n)] = self._bind(slot, 1, n, self._score_logits[None, :n])
             b.logits_indices[0] = np.arange(n)
         b.input_ids[0] = token_ids
         b.seqlens_k[0] = start + n - 1

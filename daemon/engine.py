@@ -69,7 +69,7 @@ class Engine:
         if speculative is not None and speculative.enabled:
             max_tokens = getattr(backend, "max_score_tokens", 0)
             if max_tokens > 1:
-                self.speculator = Speculator(speculative, context_length, drafter, self.metrics, max_tokens - 1)
+                self.speculator = Speculator(speculative, context_length, drafter, self.metrics, max_tokens - 1, clock)
             else:
                 log.warning("speculative decoding is off: the %s backend cannot verify drafts (%s)", backend.name,
                             "its engine has no verify profile: compile the bundle again" if backend.name.startswith(

@@ -103,18 +103,15 @@ class ModelRunner:
                     yield seq, logits
         seqs = [s for s in plan.decode if s not in failed] if failed else plan.decode
         verifies: list[tuple[Sequence, list[int]]] = []
-        draft_s = 0.0
         if self.speculator is not None and seqs:
-            started = self.clock()
             verifies = self.speculator.plan(seqs)
-            if verifies:  # drafting is part of what speculation costs: shared out among the verify passes
-                draft_s = (self.clock() - started) / len(verifies)
+            if verifies:
                 speculating = {s for s, _ in verifies}
                 seqs = [s for s in seqs if s not in speculating]
         if seqs:
             yield from self._decode(seqs)
         for seq, draft in verifies:
-            yield seq, self._verify(seq, draft, draft_s)
+            yield seq, self._verify(seq, draft)
 
     def _decode(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
         """One token for each of seqs, in one batch."""
@@ -137,7 +134,7 @@ class ModelRunner:
             s.cached += 1
             yield s, logits[s.slot]
 
-    def _verify(self, seq: Sequence, draft: list[int], draft_s: float) -> Verification | StageFailure:
+    def _verify(self, seq: Sequence, draft: list[int]) -> Verification | StageFailure:
         """Score seq's last token and its draft at positions seq.cached.. in one call (seq.cached is then set by
         the speculator, as far as the draft is kept)."""
         stats = self.stats
@@ -150,4 +147,4 @@ class ModelRunner:
             return StageFailure(f"verify pass of {len(draft)} drafted tokens", e)
         stats.calls.setdefault("decode", None)  # a failed batch decode in this step still counts
         stats.decoded += 1
-        return Verification(draft, logits, start, self.clock() - started + draft_s)
+        return Verification(draft, logits, start, self.clock() - started)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -75,6 +76,10 @@ class PromptLookup:
 class Drafter(Protocol):
     """Where drafts come from (prompt lookup needs none: it lives in each request's SpecState)."""
 
+    def catch_up(self, seq: Sequence, state: SpecState) -> None:
+        """Take in the sequence's known tokens (a draft model: prefill what its cache lacks). A one-off cost per
+        prompt, like the prompt's own prefill: the ledger does not charge it to the verify passes."""
+
     def draft(self, seq: Sequence, state: SpecState, k: int) -> list[int]: ...
 
     def accepted(self, seq: Sequence, state: SpecState) -> None:
@@ -84,7 +89,7 @@ class Drafter(Protocol):
 class SpecState:
     """One request's speculation: its prompt-lookup index, its ledger and its counts."""
 
-    __slots__ = ("lookup", "k", "saved_s", "decode_s", "steps", "drafted", "accepted", "draft_cached", "draft_slot")
+    __slots__ = ("lookup", "k", "saved_s", "decode_s", "steps", "drafted", "accepted", "draft_cached", "draft_s")
 
     def __init__(self, ngram_min: int, ngram_max: int, k: int):
         self.lookup = PromptLookup(ngram_min, ngram_max)
@@ -98,12 +103,12 @@ class SpecState:
         self.drafted = 0  # draft tokens verified
         self.accepted = 0  # draft tokens kept
         self.draft_cached = 0  # a draft model's: tokens of this sequence its cache holds
-        self.draft_slot: int | None = None
+        self.draft_s = 0.0  # seconds its current draft took (charged to its verify pass)
 
 
 class Verification:
     """A verify pass's result for one sequence: the draft and the target's logits rows [k+1, vocab] (a view of
-    the backend's buffer: sampled before the next call), with the call's seconds."""
+    the backend's buffer: sampled before the next call), with the pass's seconds."""
 
     __slots__ = ("draft", "logits", "start", "seconds")
 
@@ -115,8 +120,10 @@ class Speculator:
     """Decides which sequences speculate in a step, drafts for them, and keeps what their verify passes gave."""
 
     def __init__(self, config: SpeculativeConfig, context_length: int, drafter: Drafter | None = None,
-                 metrics: EngineMetrics | None = None, max_draft_tokens: int | None = None):
+                 metrics: EngineMetrics | None = None, max_draft_tokens: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.clock = clock
         # The draft's most tokens: the config's, within what the backend's verify pass takes.
         self.max_draft_tokens = min(config.max_draft_tokens, max_draft_tokens or config.max_draft_tokens)
         self.metrics = metrics
@@ -149,7 +156,11 @@ class Speculator:
                     seq.max_new_tokens - len(seq.output_ids) - 1)
             if k < 1:
                 continue
+            if self.drafter is not None:
+                self.drafter.catch_up(seq, st)
+            started = self.clock()
             draft = self._draft(seq, st, k)
+            st.draft_s = self.clock() - started
             if draft:
                 drafts.append((seq, draft))
         return drafts
@@ -190,8 +201,9 @@ class Speculator:
         st.steps += 1
         st.drafted += len(draft)
         st.accepted += emitted - 1
-        st.decode_s += v.seconds
-        st.saved_s += emitted * (self.decode_row_s or 0.0) - v.seconds
+        cost = v.seconds + st.draft_s  # the pass and its drafting
+        st.decode_s += cost
+        st.saved_s += emitted * (self.decode_row_s or 0.0) - cost
         self.steps += 1
         self.drafted += len(draft)
         self.accepted += emitted - 1
@@ -219,20 +231,23 @@ class DraftModel:
         # Whose tokens each slot of the draft cache holds: a slot another request drafted in since is stale.
         self._owner: list[Sequence | None] = [None] * backend.slots
 
-    def draft(self, seq: Sequence, state: SpecState, k: int) -> list[int]:
+    def catch_up(self, seq: Sequence, state: SpecState) -> None:
+        """Prefill the draft's slot with the sequence's known tokens but the last, from where it last agreed."""
         slot, total = seq.slot, len(seq.prompt_ids) + len(seq.output_ids)
-        if total + k > self.context_length:
-            return []
         if self._owner[slot] is not seq:
             self._owner[slot], state.draft_cached = seq, 0
-        # The first call feeds every known token the draft cache lacks (at least the last output) ...
         start = state.draft_cached
-        if start < total - 1:
-            logits = self.backend.prefill(slot, [seq.token_at(i) for i in range(start, total)], start)
-        else:
-            logits = self.backend.decode([slot], [seq.output_ids[-1]], [total - 1])[slot]
-        draft = [int(np.argmax(logits))]
-        # ... then each drafted token but the last is fed to draft the next.
+        if start < total - 1 and total <= self.context_length:
+            self.backend.prefill(slot, [seq.token_at(i) for i in range(start, total - 1)], start)
+            state.draft_cached = total - 1
+
+    def draft(self, seq: Sequence, state: SpecState, k: int) -> list[int]:
+        """k greedy tokens after the sequence's last (caught up first): the last token and each drafted one but
+        the last are fed in turn."""
+        slot, total = seq.slot, len(seq.prompt_ids) + len(seq.output_ids)
+        if total + k > self.context_length or self._owner[slot] is not seq or state.draft_cached != total - 1:
+            return []
+        draft = [int(np.argmax(self.backend.decode([slot], [seq.output_ids[-1]], [total - 1])[slot]))]
         for j in range(k - 1):
             draft.append(int(np.argmax(self.backend.decode([slot], [draft[-1]], [total + j])[slot])))
         state.draft_cached = total + k - 1

@@ -67,6 +67,9 @@ class Oracle:
         self.rng = np.random.default_rng(seed)
         self.drafts = 0
 
+    def catch_up(self, seq, state):
+        pass
+
     def draft(self, seq, state, k):
         truth = self.truths[tuple(seq.prompt_ids)]
         d = list(truth[len(seq.output_ids):len(seq.output_ids) + k])
@@ -358,6 +361,9 @@ class _TimedBackend:
 
 class _WrongDrafter:
     """Drafts k copies of a token that is never the next one (the fake model never samples its EOS)."""
+
+    def catch_up(self, seq, state):
+        pass
 
     def draft(self, seq, state, k):
         return [96] * k
