@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from daemon.config import SpeculativeConfig
     from daemon.metrics import EngineMetrics
     from daemon.postprocess import Ending
+
+log = logging.getLogger("edgellm.engine")
 
 _EWMA = 0.1  # weight of the newest one-row decode time in its running average
 
@@ -156,10 +159,15 @@ class Speculator:
                     seq.max_new_tokens - len(seq.output_ids) - 1)
             if k < 1:
                 continue
-            if self.drafter is not None:
-                self.drafter.catch_up(seq, st)
-            started = self.clock()
-            draft = self._draft(seq, st, k)
+            try:
+                if self.drafter is not None:
+                    self.drafter.catch_up(seq, st)
+                started = self.clock()
+                draft = self._draft(seq, st, k)
+            except Exception:  # drafts only save time: the request goes on without them
+                log.exception("drafting failed; this request decodes without speculation from here on")
+                seq.speculative = False
+                continue
             st.draft_s = self.clock() - started
             if draft:
                 drafts.append((seq, draft))

@@ -552,6 +552,23 @@ def test_onnx_score_gives_the_logits_decode_would(tiny_bundle):
     np.testing.assert_allclose(again[-1], expected, atol=1e-4)
 
 
+def test_a_failing_drafter_leaves_the_request_to_plain_decoding(tiny_bundles):
+    class Broken:
+        def catch_up(self, seq, state):
+            raise RuntimeError("the draft model's session died")
+
+        def draft(self, seq, state, k):
+            return []
+
+        def accepted(self, seq, state):
+            pass
+
+    bundle = tiny_bundles("llama")
+    truth = tokens(alone(bundle, PROMPT, 20, ignore_eos=True)[0])
+    ev, sp = alone(bundle, PROMPT, 20, ON, Broken(), ignore_eos=True)
+    assert tokens(ev) == truth and finished(ev).reason.value == "length" and sp.steps == 0
+
+
 def test_engine_without_a_verify_pass_does_not_speculate():
     from test_engine import Clock, FakeBackend, FakeTokenizer
 
