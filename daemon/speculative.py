@@ -192,7 +192,8 @@ class Speculator:
             if seq.speculation is not None:
                 seq.speculation.decode_s += seconds
 
-    def verify(self, seq: Sequence, v: Verification, accept: Callable[[Sequence, np.ndarray], Ending | None]) -> Ending | None:
+    def verify(self, seq: Sequence, v: Verification,
+               accept: Callable[[Sequence, np.ndarray], Ending | None]) -> Ending | None:
         """Sample v's rows in turn with `accept` (the postprocessor's: sample, stream, end) while the drawn token is
         the draft's; seq.cached counts only the positions whose token was kept. How seq ends, if it does."""
         draft, start = v.draft, v.start
