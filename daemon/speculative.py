@@ -19,7 +19,7 @@ them (the cache is static with per-row lengths); conversations and the prefix ca
 seq.cached counts.
 
 Cost control: a verify pass costs more than a one-token decode. Each request keeps a ledger: the seconds its
-verify passes saved (tokens they gave x the measured one-row decode time, minus their own time), against the
+verify passes saved (tokens they gave x the measured decode-step time, minus their own time), against the
 seconds it has spent decoding. While the ledger is below -max_slowdown of that time, the request decodes
 plainly; its plain steps grow the allowance until it tries again. So a request whose drafts keep failing runs
 at most ~max_slowdown slower than without speculation, while one whose drafts hit keeps speculating.
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgellm.engine")
 
-_EWMA = 0.1  # weight of the newest one-row decode time in its running average
+_EWMA = 0.1  # weight of the newest decode-step time in its running average
 
 
 class PromptLookup:
@@ -132,7 +132,7 @@ class Speculator:
         self.metrics = metrics
         self.context_length = context_length
         self.drafter = drafter  # None: prompt lookup
-        self.decode_row_s: float | None = None  # running average of a one-row decode call
+        self.decode_row_s: float | None = None  # running average of a plain decode call (the cost of a token)
         # Totals over every request, for benchmarks and tests.
         self.steps = self.drafted = self.accepted = self.emitted = 0
 
@@ -146,7 +146,7 @@ class Speculator:
     def plan(self, decode: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """The sequences of a step's decode batch that speculate, each with its draft (others decode plainly)."""
         if len(decode) > self.config.max_batch or self.decode_row_s is None:
-            return []  # the one-row decode time is what the ledger is kept in: measured first
+            return []  # the decode-step time is what the ledger is kept in: measured first
         drafts = []
         for seq in decode:
             if not seq.speculative:
@@ -183,9 +183,10 @@ class Speculator:
             lookup.extend([seq.token_at(i) for i in range(have, total)])
         return lookup.draft(k)
 
-    def decoded(self, seqs: list[Sequence], seconds: float) -> None:
-        """A plain decode call of seqs took `seconds`: the one-row average, and each request's decode time."""
-        if len(seqs) == 1:
+    def decoded(self, seqs: list[Sequence], seconds: float, measured: bool = True) -> None:
+        """A plain decode of seqs took `seconds` (measured: a call of its own, else their share of a step that did
+        more): the decode-step average, and each request's decode time."""
+        if measured:  # a decode step reads the weights once: its time grows little with its rows
             avg = self.decode_row_s
             self.decode_row_s = seconds if avg is None else avg + _EWMA * (seconds - avg)
         for seq in seqs:
