@@ -83,7 +83,8 @@ run_in_root "cd /edgellm && .venv/bin/python bench/aarch64_cpu.py"
 step "pytest ${PYTEST_ARGS[*]:-(whole suite)}"
 start=$(date +%s)
 set +e
-run_in_root "cd /edgellm && .venv/bin/python -m pytest -p no:cacheprovider ${PYTEST_ARGS[*]:-}" 2>&1 | tee "$ROOT/last-run.log"
+# Emulation runs 10-50x slower: the per-test time limit (pyproject: 600 s) grows to match.
+run_in_root "cd /edgellm && .venv/bin/python -m pytest -p no:cacheprovider --timeout 5400 ${PYTEST_ARGS[*]:-}" 2>&1 | tee "$ROOT/last-run.log"
 rc=${PIPESTATUS[0]}
 set -e
 step "pytest exited $rc after $(( $(date +%s) - start )) s (log: $ROOT/last-run.log)"

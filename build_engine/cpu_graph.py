@@ -7,13 +7,21 @@ rotates q and k, appends k/v to the cache in place (past and present bound to on
 each row's own cached length; `SkipSimplifiedLayerNormalization` adds the residual and normalizes in one
 kernel. A layer is ~10 kernels instead of ~25.
 
+Packed tokens: a step's new tokens, of every row, lie in one sequence [1, tokens] for everything but attention
+(embedding, projections, MLP, norms), so a step that mixes decode rows with a prompt chunk computes each real
+token once, with no padding in any MatMul. Only around GroupQueryAttention are they scattered to the per-row
+layout [batch, max_q] (padded to the longest row of the step) and gathered back.
+
 Graph contract (the CPU backend relies on it):
-  inputs   input_ids int64 [batch, tokens],
+  inputs   input_ids int64 [1, tokens]: the step's new tokens, row after row,
            seqlens_k int32 [batch]: each row's cached length after this step, minus one,
-           query_lengths int32 [batch]: each row's new tokens (the first query_lengths of `tokens`; 0 = idle row),
-           logits_indices int64 [batch, n_logits] (token positions of each row that get logits),
+           query_lengths int32 [batch]: each row's new tokens (0 = idle row),
+           token_rows int64 [batch, max_q]: where row b's new token j lies in `tokens` (any valid index past
+             query_lengths[b]: padding, computed and dropped),
+           token_places int64 [1, tokens]: b * max_q + j for the token that is row b's new token j,
+           logits_indices int64 [1, n_logits] (positions in `tokens` that get logits),
            past_key.{i} / past_value.{i}  float32 [batch, num_kv_heads, max_seq, head_dim]
-  outputs  logits float32 [batch, n_logits, vocab], present_key.{i} / present_value.{i} (bind them to the past
+  outputs  logits float32 [1, n_logits, vocab], present_key.{i} / present_value.{i} (bind them to the past
            buffers: the new tokens are written at positions [seqlens_k + 1 - query_lengths, seqlens_k + 1)).
 A row's new token j sits at position seqlens_k + 1 - query_lengths + j (its RoPE angle and causal horizon).
 """
@@ -62,6 +70,11 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
             [out, "", "", out + ".sum"], name=out, domain=CONTRIB, epsilon=eps))
         return out, out + ".sum"
 
+    def to_rows(x: str, out: str) -> str:
+        """[1, tokens, n] -> [batch, max_q, n]: each row's new tokens, for attention."""
+        rows = g.op("Gather", [x, "token_rows"], out + ".gather", axis=1)  # [1, batch, max_q, n]
+        return g.op("Squeeze", [rows, g.ints("axes.first", [0])], out)
+
     cos, sin = rope_cache(spec, max_seq)
     cos_cache, sin_cache = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
     # With query_lengths given, GroupQueryAttention takes this only as an upper bound of the cached lengths.
@@ -88,13 +101,16 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
                 heads = g.op("Reshape", [q_k_v[j], g.ints(f"shape.heads{n}", [0, 0, n, d])], o + kind + ".heads")
                 heads = rms_norm(heads, p + f"self_attn.{kind}_norm.weight", o + kind + "_norm")
                 q_k_v[j] = g.op("Reshape", [heads, g.ints(f"shape.merge{n}", [0, 0, n * d])], o + kind + "_normed")
+        q_k_v = [to_rows(t, o + f"rows{j}") if t else t for j, t in enumerate(q_k_v)]
         inputs = [*q_k_v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", total_len, cos_cache, sin_cache,
                   "", "", "", "", "", "", "", "query_lengths"]
         g.graph.node.append(helper.make_node(
             "GroupQueryAttention", inputs, [o + "attn", f"present_key.{i}", f"present_value.{i}"], name=o + "attn",
             domain=CONTRIB, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
             scale=1.0 / math.sqrt(d), local_window_size=window))
-        attn = linear(o + "attn", [p + "self_attn.o_proj"], o + "o_proj", has_o_bias(spec))
+        flat = g.op("Reshape", [o + "attn", g.ints("shape.attn_flat", [-1, nh * d])], o + "attn.flat")
+        packed = g.op("Gather", [flat, "token_places"], o + "attn.packed", axis=0)  # [1, tokens, nh * d]
+        attn = linear(packed, [p + "self_attn.o_proj"], o + "o_proj", has_o_bias(spec))
         m, residual = skip_norm(attn, residual, p + "post_attention_layernorm.weight", o + "mlp_norm")
         gate_up = linear(m, [p + "mlp.gate_proj", p + "mlp.up_proj"], o + "gate_up")
         gate, up = o + "gate", o + "up"
@@ -107,9 +123,12 @@ def build_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], *, max_seq:
     logits_output(g, spec, g.op("Add", [x, residual], "hidden"), head,
                   lambda rows: rms_norm(rows, "model.norm.weight", "final_norm"))
     step_inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "tokens"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("query_lengths", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["batch", "n_logits"]),
+        helper.make_tensor_value_info("token_rows", TensorProto.INT64, ["batch", "max_q"]),
+        helper.make_tensor_value_info("token_places", TensorProto.INT64, [1, "tokens"]),
+        helper.make_tensor_value_info("logits_indices", TensorProto.INT64, [1, "n_logits"]),
     ]
-    return finish_graph(g, spec, max_seq, step_inputs, f"edgellm_{spec.architecture}_cpu", extra_opsets=(CONTRIB,))
+    return finish_graph(g, spec, max_seq, step_inputs, f"edgellm_{spec.architecture}_cpu", extra_opsets=(CONTRIB,),
+                        logits_batch=1)

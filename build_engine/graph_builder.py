@@ -166,11 +166,12 @@ def logits_output(g: GraphBuilder, spec: ModelSpec, hidden: str, head: str, fina
 
 
 def finish_graph(g: GraphBuilder, spec: ModelSpec, max_seq: int, step_inputs: list[onnx.ValueInfoProto], name: str,
-                 extra_opsets: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """Declare the step inputs, the KV cache inputs and outputs and `logits`; set the opsets. Returns the model."""
+                 extra_opsets: tuple[str, ...] = (), logits_batch: str | int = "batch") -> onnx.ModelProto:
+    """Declare the step inputs, the KV cache inputs and outputs and `logits` ([logits_batch, n_logits, vocab]);
+    set the opsets. Returns the model."""
     cache_shape = ["batch", spec.num_kv_heads, max_seq, spec.head_dim]
     inputs = list(step_inputs)
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", spec.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [logits_batch, "n_logits", spec.vocab_size])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", g.onnx_dtype, cache_shape))

@@ -28,7 +28,8 @@ def prefill_feeds(session, token_ids: list[int], logits_indices: list[int]) -> d
     feeds = {"input_ids": np.array([token_ids], np.int64), "logits_indices": np.array([logits_indices], np.int64)}
     inputs = session.get_inputs()
     if any(inp.name == "seqlens_k" for inp in inputs):  # the CPU graph (build_engine/cpu_graph.py)
-        feeds |= {"seqlens_k": np.array([n - 1], np.int32), "query_lengths": np.array([n], np.int32)}
+        feeds |= {"seqlens_k": np.array([n - 1], np.int32), "query_lengths": np.array([n], np.int32),
+                  "token_rows": np.arange(n, dtype=np.int64)[None], "token_places": np.arange(n, dtype=np.int64)[None]}
     else:  # the TensorRT graph (build_engine/trt_graph.py)
         feeds |= {"position_ids": np.arange(n, dtype=np.int64)[None], "write_indices": np.zeros(1, np.int64)}
     for inp in inputs:

@@ -19,7 +19,9 @@ from bundle_format.kv_cache import KvCacheLayout
 from bundle_format.onnx_external import MalformedGraph, external_data_locations
 
 MANIFEST_NAME = "manifest.yaml"
-FORMAT_VERSION = 2  # 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py)
+# 2: CPU bundles carry the GroupQueryAttention graph (build_engine/cpu_graph.py); 3: its tokens are packed
+# (input_ids [1, tokens], token_rows, token_places), so one step mixes decode rows and prompt chunks.
+FORMAT_VERSION = 3
 # What every reader of a manifest relies on (the manifest has no checksum of its own: an edit is caught here).
 _REQUIRED_KEYS = {"model": ("architecture", "vocab_size"), "graph": ("file", "kv_cache")}
 

@@ -1,5 +1,6 @@
-"""What the engine needs of a backend: a KV cache of fixed slots, a prefill of one slot, a batched decode, and a
-multi-position score of one slot (speculative decoding's verify pass).
+"""What the engine needs of a backend: a KV cache of fixed slots and a step over rows of new tokens (forward);
+prefill of one slot, a batched decode and the multi-position score of one slot (speculative decoding's verify
+pass) are plain cases of it.
 
 Each backend owns its fixed buffers (IO bindings, pinned memory, CUDA-graph addresses): the engine hands
 it plain token ids and positions, and it writes them into those buffers itself.
@@ -7,9 +8,20 @@ it plain token ids and positions, and it writes them into those buffers itself.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
+
+
+class StepRow(NamedTuple):
+    """One slot's part of a step: token_ids written at positions start.., logits for the last `logits` of them
+    (1: a decode token or a prompt's last chunk; 0: a chunk in the middle of a prompt; len(token_ids): every
+    position, to verify drafted tokens)."""
+
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    logits: int = 1
 
 
 class Backend(Protocol):
@@ -29,6 +41,10 @@ class Backend(Protocol):
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; logits [rows, vocab] indexed by slot (a view, valid
         until the next call; rows past the highest slot, and idle rows below it, hold nothing)."""
+
+    def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
+        """Every row's tokens in one model call (distinct slots); logits [sum of rows' `logits`, vocab], row
+        after row in the order given (a view, valid until the next call)."""
 
     def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write token_ids at positions start.. of one slot; the logits of every one of them [n, vocab] (a view,

@@ -3,9 +3,10 @@
 The cache is one numpy array per layer and K/V, shaped [slots, kv_heads, max_seq, head_dim]. A step
 runs a contiguous range of rows (slots) by binding views of those arrays as both the `past_*` inputs
 and the `present_*` outputs, so GroupQueryAttention appends to the cache in place and nothing is copied.
-Decode bindings are kept per row count (bundle_format/decode_buckets.py's decode_bucket) and their inputs live in fixed
-numpy buffers: a decode step writes a few integers and calls ONNX Runtime, nothing else (the same
-fixed-buffer discipline the TensorRT backend needs for CUDA graph replay).
+A step's tokens are packed (the graph's contract): forward() runs decode rows and prompt chunks of several slots in
+one call. Bindings are kept per step shape (decode: per row count, bundle_format/decode_buckets.py's
+decode_bucket) and their inputs live in fixed numpy buffers: a decode step writes a few integers and calls ONNX
+Runtime, nothing else (the same fixed-buffer discipline the TensorRT backend needs for CUDA graph replay).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bundle_format.bundle import Bundle
 from bundle_format.decode_buckets import decode_bucket
 from bundle_format.kv_cache import KvCacheLayout
 from bundle_format.trt_plan import MAX_VERIFY_TOKENS
-from daemon.backend import write_decode_inputs
+from daemon.backend import StepRow, write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -29,18 +30,21 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 @dataclass
 class _Binding:
-    """An IOBinding whose inputs and logits output are fixed numpy buffers.
-
-    A decode step fills input_ids [rows, 1] and positions [rows] (each row's token position, -1 for an idle
-    row), then turns positions into the graph's seqlens_k and query_lengths."""
+    """An IOBinding of one step shape (rows of the cache from first_row, tokens, the longest row's tokens, logits)
+    whose inputs are fixed numpy buffers and whose logits are the first rows of the backend's logits buffer."""
 
     io: ort.IOBinding
-    input_ids: np.ndarray
-    seqlens_k: np.ndarray
-    query_lengths: np.ndarray
-    logits_indices: np.ndarray
-    logits: np.ndarray
-    positions: np.ndarray
+    input_ids: np.ndarray  # [1, tokens]
+    seqlens_k: np.ndarray  # [rows]
+    query_lengths: np.ndarray  # [rows]
+    token_rows: np.ndarray  # [rows, max_q]
+    token_places: np.ndarray  # [1, tokens]
+    logits_indices: np.ndarray  # [1, n_logits]
+    logits: np.ndarray  # [n_logits, vocab]
+    positions: np.ndarray  # [rows]: a decode step's token position per row, -1 for an idle row
+
+
+_MAX_BINDINGS = 64  # step shapes kept bound: decode buckets and the few shapes a steady mixed load repeats
 
 
 class OnnxBackend:
@@ -54,9 +58,8 @@ class OnnxBackend:
         self.layout = layout
         self.slots = slots
         self.vocab_size = vocab_size
-        # A verify pass (speculative decoding) is a prefill that keeps every position's logits, into one buffer.
+        # A verify pass (speculative decoding) is a step whose one row keeps every position's logits.
         self.max_score_tokens = min(MAX_VERIFY_TOKENS, layout.max_seq)
-        self._score_logits = np.empty((self.max_score_tokens, vocab_size), np.float32)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -82,10 +85,10 @@ class OnnxBackend:
         self.cache = [(_resident(shape, dtype), _resident(shape, dtype)) for _ in range(layout.num_layers)]
         self._row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
         self._ort_dtype = dtype
-        # Logits of at most one position per row at a time: [slots, 1, vocab], reused every step.
-        self._logits = np.empty((slots, 1, vocab_size), np.float32)
-        self._decode_bindings: dict[int, _Binding] = {}  # by row count
-        self._score_bindings: dict[tuple[int, int], _Binding] = {}  # by (slot, tokens)
+        # Logits of every row that wants them, reused every step; grown (and the bindings dropped) when a step
+        # wants more than it holds (a verification of drafted tokens).
+        self._logits = np.empty((1, slots, vocab_size), np.float32)
+        self._bindings: dict[tuple[int, int, int, int, int, bool], _Binding] = {}  # by step shape, oldest first
         # Prefill gives ONNX Runtime's arena back what a long chunk made it grow by: otherwise the longest prompt
         # ever seen would keep its activations' memory for the life of the daemon. Decode steps need no more
         # than their first call did.
@@ -96,15 +99,24 @@ class OnnxBackend:
     def kv_cache_bytes(self) -> int:
         return self.layout.bytes_per_row() * self.slots
 
-    def _bind(self, first_row: int, rows: int, tokens: int, logits: np.ndarray | None = None) -> _Binding:
-        """A binding of rows first_row.. with `tokens` input positions each; logits [rows, n_logits, vocab] into
-        `logits` (default: one position per row, into the shared buffer)."""
-        if logits is None:
-            logits = self._logits[first_row:first_row + rows]
+    def _binding(self, first_row: int, rows: int, tokens: int, max_q: int, n_logits: int,
+                 decode: bool = False) -> _Binding:
+        """The binding of a step shape; decode steps keep their own (their token layout is written once)."""
+        key = (first_row, rows, tokens, max_q, n_logits, decode)
+        b = self._bindings.get(key)
+        if b is not None:
+            return b
+        if n_logits > self._logits.shape[1]:
+            self._logits = np.empty((1, n_logits, self.vocab_size), np.float32)
+            self._bindings.clear()  # they point at the old buffer
+        if len(self._bindings) >= _MAX_BINDINGS:
+            del self._bindings[next(iter(self._bindings))]
         io = self.session.io_binding()
-        b = _Binding(io, np.zeros((rows, tokens), np.int64), np.zeros(rows, np.int32), np.full(rows, tokens, np.int32),
-                     np.zeros((rows, logits.shape[1]), np.int64), logits, np.zeros(rows, np.int32))
-        for name in ("input_ids", "seqlens_k", "query_lengths", "logits_indices"):
+        logits = self._logits[:, :n_logits]
+        b = _Binding(io, np.zeros((1, tokens), np.int64), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                     np.zeros((rows, max_q), np.int64), np.zeros((1, tokens), np.int64),
+                     np.zeros((1, n_logits), np.int64), logits[0], np.zeros(rows, np.int32))
+        for name in ("input_ids", "seqlens_k", "query_lengths", "token_rows", "token_places", "logits_indices"):
             arr = getattr(b, name)
             io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         shape = [rows, self.layout.num_kv_heads, self.layout.max_seq, self.layout.head_dim]
@@ -113,48 +125,66 @@ class OnnxBackend:
                 ptr = arr.ctypes.data + first_row * self._row_bytes
                 io.bind_input(f"past_{kind}.{i}", "cpu", 0, self._ort_dtype, shape, ptr)
                 io.bind_output(f"present_{kind}.{i}", "cpu", 0, self._ort_dtype, shape, ptr)
-        io.bind_output("logits", "cpu", 0, np.float32, list(b.logits.shape), b.logits.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self._bindings[key] = b
         return b
+
+    def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
+        """Every row's tokens in one call, packed; logits [sum of rows' logits, vocab] row after row (a view)."""
+        first = min(r.slot for r in rows)
+        span = max(r.slot for r in rows) - first + 1
+        counts = [len(r.token_ids) for r in rows]
+        tokens, max_q = sum(counts), max(counts)
+        wanted = sum(r.logits for r in rows)
+        # At least one logits row: the graph's Reshape reads a 0 in its shape as "keep this dimension".
+        b = self._binding(first, span, tokens, max_q, max(wanted, 1))
+        b.logits_indices[0, 0] = tokens - 1  # that one, when no row wants any
+        b.query_lengths.fill(0)  # rows of the span not in this step: idle, nothing written to their cache
+        b.seqlens_k.fill(0)
+        b.token_rows.fill(0)
+        at = picked = 0
+        for r, n in zip(rows, counts):
+            row = r.slot - first
+            b.input_ids[0, at:at + n] = r.token_ids
+            b.seqlens_k[row] = r.start + n - 1
+            b.query_lengths[row] = n
+            b.token_rows[row, :n] = range(at, at + n)
+            b.token_rows[row, n:] = at + n - 1  # padding: computed by attention, never gathered back
+            b.token_places[0, at:at + n] = range(row * max_q, row * max_q + n)
+            b.logits_indices[0, picked:picked + r.logits] = range(at + n - r.logits, at + n)
+            at, picked = at + n, picked + r.logits
+        # A step with prompt tokens gives back what it made ONNX Runtime's arena grow by (see __init__).
+        self.session.run_with_iobinding(b.io, self._prefill_options if tokens > span else None)
+        return b.logits[:wanted]
 
     def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view)."""
-        n = len(token_ids)
-        b = self._bind(slot, 1, n)
-        b.input_ids[0] = token_ids
-        b.seqlens_k[0] = start + n - 1
-        b.logits_indices[0, 0] = n - 1
-        self.session.run_with_iobinding(b.io, self._prefill_options)
-        return b.logits[0, 0]
+        return self.forward([StepRow(slot, token_ids, start)])[0]
 
     def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write tokens at positions start.. of one slot; returns the logits of every one of them [n, vocab] (a view)."""
         n = len(token_ids)
         if not 0 < n <= self.max_score_tokens:
             raise ValueError(f"a verify pass takes 1..{self.max_score_tokens} tokens, got {n}")
-        b = self._score_bindings.get((slot, n))
-        if b is None:  # a few draft lengths per slot: kept, so a verify pass allocates nothing
-            b = self._score_bindings[(slot, n)] = self._bind(slot, 1, n, self._score_logits[None, :n])
-            b.logits_indices[0] = np.arange(n)
-        b.input_ids[0] = token_ids
-        b.seqlens_k[0] = start + n - 1
-        self.session.run_with_iobinding(b.io)
-        return b.logits[0]
+        return self.forward([StepRow(slot, token_ids, start, logits=n)])
 
     def _decode_binding(self, rows: int) -> _Binding:
-        b = self._decode_bindings.get(rows)
-        if b is None:
-            b = self._decode_bindings[rows] = self._bind(0, rows, 1)
+        key = (0, rows, rows, 1, rows, True)
+        b = self._bindings.get(key)
+        if b is None:  # one token per row, idle rows included (they attend to nothing and write nothing)
+            b = self._binding(*key)
+            b.token_rows[:, 0] = b.token_places[0] = b.logits_indices[0] = np.arange(rows)
         return b
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """One token for each of slots at its position; returns logits [rows, vocab] (a view of the reused buffer)."""
         b = self._decode_binding(decode_bucket(max(slots), self.slots))
-        write_decode_inputs(b.input_ids, b.positions, slots, token_ids, positions)
+        write_decode_inputs(b.input_ids.reshape(-1, 1), b.positions, slots, token_ids, positions)
         # An idle row (position -1) gets no new token: nothing is written to its cache, its logits are unused.
         np.maximum(b.positions, 0, out=b.seqlens_k)
         np.greater_equal(b.positions, 0, out=b.query_lengths, casting="unsafe")
         self.session.run_with_iobinding(b.io)
-        return b.logits[:, 0]
+        return b.logits
 
     def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """K/V of positions [start, end) of a slot: a new array [layers, 2, kv_heads, end - start, head_dim]."""

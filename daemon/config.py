@@ -82,7 +82,12 @@ class EngineConfig:
     slots: int = 4  # requests holding KV cache at once; the cache is allocated for all of them at start
     threads: int = 0  # ONNX Runtime intra-op threads; 0: one per allowed CPU
     pin_threads: bool = True  # CPU backend: the step's threads and the gRPC side's on fixed CPUs (daemon/thread_placement.py)
-    prefill_chunk_tokens: int = 32  # most prompt tokens prefilled per step while others decode (their inter-token latency)
+    # Most prompt tokens in one step while others decode (shared by the prompts being prefilled): the step's
+    # time, so the decoding requests' inter-token latency, against time to first token (docs/scheduling.md).
+    prefill_chunk_tokens: int = 16
+    # Decode rows and prompt chunks in one forward pass (the weights read once); false: a prefill call, then a
+    # decode call, one chunk of one prompt per step (docs/mixed-steps.md).
+    mixed_steps: bool = True
     max_queued: int = 64  # requests waiting for a slot; beyond this new ones get RESOURCE_EXHAUSTED
     # Failed model calls (prefill or decode) in a row after which the engine gives up: health NOT_SERVING,
     # no more watchdog pings, and `edgellm serve` exits with status 1 so that systemd restarts it.

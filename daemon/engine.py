@@ -45,7 +45,7 @@ class EngineFailed(RuntimeError):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, context_length: int, *,
-                 prefill_chunk_tokens: int = 32, max_queued: int = 64,
+                 prefill_chunk_tokens: int = 32, mixed_steps: bool = True, max_queued: int = 64,
                  loop: asyncio.AbstractEventLoop | None = None, metrics: EngineMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None,
@@ -63,7 +63,7 @@ class Engine:
         self.prefix_cache = prefix_cache  # daemon/prefix_cache.py: prompt blocks shared across requests; None: off
         if prefix_cache is not None:
             prefix_cache.bind_metrics(self.metrics)
-        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache)
+        self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache, mixed_steps)
         # daemon/speculative.py: drafts checked in one pass; None when off (or the config leaves it off).
         self.speculator = None
         if speculative is not None and speculative.enabled:
@@ -74,7 +74,7 @@ class Engine:
                 log.warning("speculative decoding is off: the %s backend cannot verify drafts (%s)", backend.name,
                             "its engine has no verify profile: compile the bundle again" if backend.name.startswith(
                                 "tensorrt") else "no multi-position score")
-        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, self.speculator)
+        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, mixed_steps, self.speculator)
         self.outbox = Outbox()
         self.post = Postprocessor(tokenizer, context_length, self.outbox, self.metrics, self.class_metrics, clock)
         self.pace = Pace()

@@ -169,7 +169,8 @@ class Daemon:
         watchdog = self.notifier.watchdog_s
         loop = asyncio.get_running_loop()
         self.engine = Engine(self.backend, self.tokenizer, self.bundle.context_length,
-                             prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens, max_queued=cfg.engine.max_queued,
+                             prefill_chunk_tokens=cfg.engine.prefill_chunk_tokens,
+                             mixed_steps=cfg.engine.mixed_steps, max_queued=cfg.engine.max_queued,
                              loop=loop, metrics=self.metrics,
                              heartbeat=self.notifier.progress if watchdog else None,
                              heartbeat_s=watchdog / 4 if watchdog else None,

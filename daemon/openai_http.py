@@ -4,9 +4,12 @@ One more listener on the daemon's event loop (aiohttp, the `openai` extra). A re
 GenerateRequest the gRPC API takes and goes through the same InferenceService.start as Generate: the same
 validation, limits, queue bound, drain and request log; its engine events come back on its Request's queue and
 become OpenAI's JSON. Access follows the gRPC TCP listener's rules: TLS (and mutual TLS) from `access`, the
-bearer token of `access.token_file`. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}},
-with the HTTP status its clients map to exceptions (docs/openai-http.md). A client that goes away (a closed
-connection, aiohttp cancels the handler) cancels its engine request.
+bearer token of `access.token_file`. `response_format` and `tools` / `tool_choice` become the proto's
+ResponseFormat and Tool / ToolChoice (the same grammar-constrained decoding); the engine's tool calls become
+OpenAI's `tool_calls` (whole, or as streamed deltas) and finish_reason "tool_calls". Errors have OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status its clients map to exceptions
+(docs/openai-http.md). A client that goes away (a closed connection, aiohttp cancels the handler) cancels its
+engine request.
 """
 
 from __future__ import annotations
@@ -136,14 +139,16 @@ class Options:
     logprobs: int | None = None  # alternatives per token to report (chat: top_logprobs); None: no logprobs
 
 
-def _value(body: dict, name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    """body[name] (None when absent or null), refused unless it is of `kind` (bool never counts as a number)."""
+def _value(body: dict, name: str, kind: type | tuple[type, ...], what: str, within: str = "") -> Any:
+    """body[name] (None when absent or null), refused unless it is of `kind` (bool never counts as a number);
+    within: where body is in the request ("tools[0].function."), for the message."""
     value = body.get(name)
     if value is None:
         return None
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise bad_request(f"'{name}' must be {what}, got {json.dumps(value)[:80]}", name)
+        raise bad_request(f"'{within}{name}' must be {what}, got {json.dumps(value)[:80]}",
+                          within.split(".")[0].split("[")[0] or name)
     return value
 
 
@@ -206,10 +211,103 @@ def _chat(req: pb.GenerateRequest, messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"'messages[{i}]' must be an object with a string 'role'", "messages")
-        if m.get("tool_calls"):
-            raise bad_request(f"'messages[{i}].tool_calls': tool calls are not supported by this server", "messages")
         role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
-        req.chat.messages.add(role=role, content=_message_text(m.get("content"), f"messages[{i}].content"))
+        msg = req.chat.messages.add(role=role, content=_message_text(m.get("content"), f"messages[{i}].content"))
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad_request(f"'messages[{i}].tool_call_id' is required: the id of the call this is the result of",
+                                  "messages")
+            msg.tool_call_id = call_id
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise bad_request(f"'messages[{i}].tool_calls': only assistant messages make tool calls", "messages")
+            _message_calls(msg, m["tool_calls"], f"messages[{i}].tool_calls")
+
+
+def _message_calls(msg: pb.ChatMessage, calls: Any, where: str) -> None:
+    """An assistant message's tool_calls, [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    if not isinstance(calls, list):
+        raise bad_request(f"'{where}' must be a list of tool calls", "messages")
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(f, dict) and isinstance(c.get("id"), str) and isinstance(f.get("name"), str)
+                and c.get("type", "function") == "function"):
+            raise bad_request(f"'{where}[{j}]' must be {{\"id\", \"type\": \"function\", \"function\": "
+                              f"{{\"name\", \"arguments\"}}}}", "messages")
+        args = f.get("arguments")
+        if isinstance(args, dict):  # lenient: an object where OpenAI sends its JSON text
+            args = json.dumps(args, ensure_ascii=False)
+        elif args is None:
+            args = "{}"
+        elif not isinstance(args, str):
+            raise bad_request(f"'{where}[{j}].function.arguments' must be a JSON object as a string", "messages")
+        msg.tool_calls.add(id=c["id"], name=f["name"], arguments=args)
+
+
+def _response_format(req: pb.GenerateRequest, fmt: Any) -> None:
+    """OpenAI's response_format as the proto's: text (unconstrained), json_object, json_schema."""
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return
+    if kind == "json_object":
+        req.response_format.json_object = True
+        return
+    if kind != "json_schema":
+        raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}", "response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'", "response_format")
+    _value(spec, "name", str, "a string", "response_format.json_schema.")
+    _value(spec, "strict", bool, "a boolean", "response_format.json_schema.")  # strict or not: the output always matches
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI's schema is optional: then any JSON object
+        req.response_format.json_object = True
+    elif isinstance(schema, (dict, bool)):
+        req.response_format.json_schema = json.dumps(schema, ensure_ascii=False)
+    else:
+        raise bad_request("'response_format.json_schema.schema' must be a JSON schema (an object)", "response_format")
+
+
+TOOL_CHOICE_MODES = {"auto": pb.TOOL_CHOICE_MODE_AUTO, "none": pb.TOOL_CHOICE_MODE_NONE,
+                     "required": pb.TOOL_CHOICE_MODE_REQUIRED}
+
+
+def _tools(req: pb.GenerateRequest, body: dict) -> None:
+    """tools, tool_choice and parallel_tool_calls as the proto's tools and tool_choice."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("'tools' must be a list of {\"type\": \"function\", \"function\": {...}}", "tools")
+    for i, t in enumerate(tools or ()):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or t.get("type", "function") != "function":
+            raise bad_request(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                              f"\"description\", \"parameters\"}}}}", "tools")
+        where = f"tools[{i}].function."
+        name = _value(f, "name", str, "a string", where)
+        if name is None:
+            raise bad_request(f"'{where}name' is required", "tools")
+        description = _value(f, "description", str, "a string", where) or ""
+        parameters = _value(f, "parameters", dict, "a JSON schema (an object)", where)
+        req.tools.add(name=name, description=description,
+                      parameters_json_schema="" if parameters is None else json.dumps(parameters, ensure_ascii=False))
+    choice = body.get("tool_choice")
+    if isinstance(choice, str) and choice in TOOL_CHOICE_MODES:
+        req.tool_choice.mode = TOOL_CHOICE_MODES[choice]
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        req.tool_choice.function = choice["function"]["name"]
+    elif choice is not None:
+        raise bad_request("'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    # A reply may hold several calls unless one named function must be called: that cannot be narrowed to one.
+    if _value(body, "parallel_tool_calls", bool, "a boolean") is False and req.tools \
+            and req.tool_choice.WhichOneof("choice") != "function" and req.tool_choice.mode != pb.TOOL_CHOICE_MODE_NONE:
+        raise bad_request("'parallel_tool_calls': false is supported only with a tool_choice that names a function",
+                          "parallel_tool_calls")
 
 
 def generate_request(body: Any, chat: bool) -> tuple[pb.GenerateRequest, Options]:
@@ -220,19 +318,18 @@ def generate_request(body: Any, chat: bool) -> tuple[pb.GenerateRequest, Options
         raise bad_request("'n' must be 1: this server answers with one choice per request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         _unsupported(body, name, 0, "is not supported by this server (use repetition_penalty); leave it 0")
-    for name in ("logit_bias", "tools", "functions", "suffix"):
+    for name in ("logit_bias", "suffix"):
         _unsupported(body, name)
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad_request("'tool_choice': tools are not supported by this server", "tool_choice")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad_request("'response_format': only {\"type\": \"text\"} is supported by this server", "response_format")
+    for name in ("functions", "function_call"):  # OpenAI's deprecated form of tools
+        _unsupported(body, name, why="is not supported by this server (use 'tools' and 'tool_choice')")
     req = pb.GenerateRequest()
+    _response_format(req, body.get("response_format"))
     opts = Options(stream=bool(_value(body, "stream", bool, "a boolean")))
     stream_options = _value(body, "stream_options", dict, "an object") or {}
     opts.include_usage = bool(_value(stream_options, "include_usage", bool, "a boolean"))
     if chat:
         _chat(req, body.get("messages"))
+        _tools(req, body)
         max_tokens = _int(body, "max_completion_tokens", 1)
         if max_tokens is None:
             max_tokens = _int(body, "max_tokens", 1)
@@ -248,6 +345,9 @@ def generate_request(body: Any, chat: bool) -> tuple[pb.GenerateRequest, Options
         max_tokens = _int(body, "max_tokens", 1)
         opts.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
         _unsupported(body, "echo", False)
+        _unsupported(body, "tools", why="needs a chat: use /v1/chat/completions")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise bad_request("'tool_choice' needs tools, and tools a chat: use /v1/chat/completions", "tool_choice")
         _unsupported(body, "best_of", 1)
     if max_tokens is not None:
         req.max_new_tokens = max_tokens
@@ -446,6 +546,20 @@ class Answer:
         self.head = {"id": r.id, "object": "chat.completion" if chat else "text_completion",
                      "created": int(time.time()), "model": door.model}
         self.offset = 0  # completions' logprobs: the text offset of the next token
+        self.calls = 0  # tool calls sent so far: the next one's index in a stream
+
+    def _finish_reason(self, finished: pb.Finished) -> str:
+        """stop or length; "tool_calls" for a reply of calls that ended on its own (not cut short)."""
+        if self.calls and finished.reason == pb.FINISH_REASON_STOP:
+            return "tool_calls"
+        return FINISH_REASONS[finished.reason]
+
+    def _tool_calls(self, calls: Any) -> list[dict[str, Any]]:
+        """Calls in OpenAI's shape, numbered on from the calls before them (a stream's delta index)."""
+        out = [{"index": self.calls + i, "id": c.id, "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+        self.calls += len(out)
+        return out
 
     async def _events(self) -> AsyncIterator[tuple[str, Any]]:
         """("tokens", TokenChunk) ... then ("finished", Finished) or ("error", RequestError), as Generate gets them."""
@@ -507,10 +621,13 @@ class Answer:
     async def whole(self) -> dict[str, Any]:
         """Wait for the end; the completion object."""
         texts: list[str] = []
+        calls: list[dict[str, Any]] = []
         logprobs = None
         async for kind, body in self._events():
             if kind == "tokens":
                 texts.append(body.text)
+                if body.tool_calls:
+                    calls += self._tool_calls(body.tool_calls)
                 if self.opts.logprobs is not None:
                     logprobs = self._merge_logprobs(logprobs, self._logprobs(body))
             elif failure := self._failure(kind, body):
@@ -522,11 +639,14 @@ class Answer:
             logprobs = self._logprobs(pb.TokenChunk())
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            # A reply of calls has no content (null, as OpenAI's); one cut short keeps its unfinished markup as text.
+            choice["message"] = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                choice["message"]["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
         else:
             choice["text"] = text
         choice["logprobs"] = logprobs
-        choice["finish_reason"] = FINISH_REASONS[finished.reason]
+        choice["finish_reason"] = self._finish_reason(finished)
         return {**self.head, "choices": [choice], "usage": self._usage(finished)}
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -544,6 +664,8 @@ class Answer:
         try:
             async with asyncio.timeout(None) as stall:  # armed only while a write waits for the client
                 async for kind, body in self._events():
+                    if kind == "tokens" and self.chat and not (body.text or body.tool_calls or self.opts.logprobs is not None):
+                        continue  # nothing to say (a tool call's markup so far, text held back): no empty deltas
                     failure = self._failure(kind, body) if kind != "tokens" else None
                     if response is None:
                         if failure:
@@ -556,7 +678,12 @@ class Answer:
                         events = [failure.body()]
                     elif kind == "tokens":
                         if self.chat:
-                            choice["delta"] = {"role": "assistant", "content": body.text} if first else {"content": body.text}
+                            delta = {"role": "assistant"} if first else {}
+                            if body.text:
+                                delta["content"] = body.text
+                            if body.tool_calls:
+                                delta["tool_calls"] = self._tool_calls(body.tool_calls)
+                            choice["delta"] = delta
                         else:
                             choice["text"] = body.text
                         first = False
@@ -568,7 +695,7 @@ class Answer:
                         else:
                             choice["text"] = ""
                         choice["logprobs"] = None
-                        choice["finish_reason"] = FINISH_REASONS[body.reason]
+                        choice["finish_reason"] = self._finish_reason(body)
                         events = [chunk]
                         if self.opts.include_usage:
                             events.append({**head, "choices": [], "usage": self._usage(body)})

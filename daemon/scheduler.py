@@ -3,8 +3,11 @@
 Each step, schedule(now) ends what was cancelled or ran past its deadline, releases closed conversations,
 admits waiting requests into free slots (highest priority class first, then arrival; evicting idle
 conversation caches and then pausing lower classes when the slots are full; a placed request starts from the
-longest run of prefix-cache blocks its tokens begin with, copied in by the model runner), and picks the work: one chunk
-of one prompt to prefill, and every sequence past its prompt to decode one token in one batch. finish(seq)
+longest run of prefix-cache blocks its tokens begin with, copied in by the model runner), and picks the work: every
+sequence past its prompt decodes one token, and prompt chunks fill the step's prompt-token budget
+(prefill_chunk_tokens while others decode; with nothing decoding the first prompt whole). With mixed steps the
+model runner computes all of it in one forward pass; without, one chunk of one prompt and then the decode batch
+(two calls). finish(seq)
 gives a request's slot back, keeping a conversation's cache for its next turn.
 
 Not thread-safe: the engine calls add(), refuse_queued() and schedule() under its lock (the event loop
@@ -35,7 +38,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class StepPlan:
     """What one step does. Sequences in `ended` are out of the scheduler already (their slots free)."""
 
-    __slots__ = ("ended", "admitted", "preempted", "evicted", "restore", "prefill", "prefill_end", "decode")
+    __slots__ = ("ended", "admitted", "preempted", "evicted", "restore", "prefills", "decode")
 
     def __init__(self) -> None:
         self.ended: list[tuple[Sequence, FinishReason, str]] = []  # (seq, reason, message)
@@ -45,18 +48,27 @@ class StepPlan:
         # Placed sequences whose first tokens come from the prefix cache: its blocks, copied into seq.slot from
         # position 0 before this step's model calls (seq.cached already counts them).
         self.restore: list[tuple[Sequence, list[Any]]] = []
-        self.prefill: Sequence | None = None  # prefills tokens [prefill.cached, prefill_end) of its prompt
-        self.prefill_end = 0
+        self.prefills: list[tuple[Sequence, int]] = []  # (seq, end): prefills tokens [seq.cached, end)
         self.decode: list[Sequence] = []  # one token each, in one batch
+
+    @property
+    def prefill(self) -> Sequence | None:
+        """The first sequence this step prefills, if any."""
+        return self.prefills[0][0] if self.prefills else None
+
+    @property
+    def prefill_end(self) -> int:
+        return self.prefills[0][1] if self.prefills else 0
 
 
 class Scheduler:
     def __init__(self, slots: int, context_length: int, prefill_chunk_tokens: int,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, mixed_steps: bool = True):
         self.slots = slots
         self.prefix_cache = prefix_cache  # looked up at placement: only its keys and block count matter here
         self.context_length = context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.mixed_steps = mixed_steps  # chunks of several prompts may share a step; else one chunk of one
         self.free_slots = list(range(slots))
         self.running: list[Sequence] = []
         self.held: list[Conversation] = []  # conversations holding a slot (idle or busy)
@@ -87,13 +99,22 @@ class Scheduler:
         plan = StepPlan()
         self._reap(now, plan)
         self._admit(now, plan)
-        prefilling = next((s for s in self.running if s.cached < s.prefill_target()), None)
-        # The sequence prefilled in this step gets its token from the prefill: it decodes from the next step.
-        plan.decode = [s for s in self.running if s is not prefilling and s.output_ids and s.cached == s.prefill_target()]
-        if prefilling is not None:
-            # The chunk budget protects the inter-token latency of decoding sequences; with none, take it whole.
-            budget = self.prefill_chunk_tokens if plan.decode else self.context_length
-            plan.prefill, plan.prefill_end = prefilling, min(prefilling.prefill_target(), prefilling.cached + budget)
+        prefilling = [s for s in self.running if s.cached < s.prefill_target()]
+        prefilling.sort(key=lambda s: s.priority)  # a higher class's prompt first; stable: then as they were placed
+        # A sequence whose prefill completes in this step gets its token from the prefill: it decodes from the next.
+        plan.decode = [s for s in self.running if s.output_ids and s.cached == s.prefill_target()]
+        if prefilling:
+            # The budget protects the inter-token latency of decoding sequences; with none, the first prompt whole.
+            first = prefilling[0]
+            budget = self.prefill_chunk_tokens
+            if not plan.decode:
+                budget = max(budget, first.prefill_target() - first.cached)
+            for seq in prefilling if self.mixed_steps else [first]:
+                end = min(seq.prefill_target(), seq.cached + budget)
+                plan.prefills.append((seq, end))
+                budget -= end - seq.cached
+                if budget <= 0:
+                    break
         return plan
 
     # ---- on the engine thread -------------------------------------------------------------------

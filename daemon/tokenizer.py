@@ -186,7 +186,9 @@ class Tokenizer:
         for m in messages:
             m = {"role": m[0], "content": m[1]} if isinstance(m, tuple) else dict(m)
             if m.get("role") not in CHAT_ROLES:
-                raise ValueError(f"unknown chat role {m.get('role')!r} (allowed: {', '.join(CHAT_ROLES)})")
+                role = str(m.get("role"))  # the client's text: cut short, as it reaches the request log
+                raise ValueError(f"unknown chat role {role[:32]!r}{'...' if len(role) > 32 else ''} "
+                                 f"(allowed: {', '.join(CHAT_ROLES)})")
             if m.get("tool_calls"):
                 m["tool_calls"] = [template_call(c) for c in m["tool_calls"]]
             chat.append(m)

@@ -88,8 +88,15 @@ def test_decode_steps_match_prefill(tiny_graphs, tiny_ids, tiny_loaded, precisio
     backend = OnnxBackend(tiny_graphs[precision], layout, spec.vocab_size, slots=1, threads=1)
     split = 16
     np.testing.assert_allclose(backend.prefill(0, tiny_ids[:split], 0), full[split - 1], atol=1e-3)
+    # A one-row step may take another kernel than a many-row one: on x86-64 (AVX-512) they agree within 1e-3; on
+    # aarch64 (NEON with dot product, under qemu) the 8-bit one-row kernel differs by up to 0.046. A cache or
+    # position fault moves logits by far more: each step must sit within the tolerance of its own position's
+    # logits and far from the previous position's.
+    tol = 0.1
     for pos in range(split, len(tiny_ids)):
-        np.testing.assert_allclose(backend.decode([0], [tiny_ids[pos]], [pos])[0], full[pos], atol=1e-3)
+        got = backend.decode([0], [tiny_ids[pos]], [pos])[0]
+        assert np.abs(got - full[pos]).max() <= tol, (pos, np.abs(got - full[pos]).max())
+        assert np.abs(got - full[pos - 1]).max() > 10 * tol
 
 
 def test_int8_bundle_reports_accuracy_and_reads_fewer_bytes(tiny_checkpoint, tiny_bundle, tmp_path):

@@ -8,6 +8,8 @@ slots, cache reuse or re-prefill after preemption changes the generated tokens.
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import os
 import queue
@@ -48,6 +50,7 @@ class FakeBackend:
         self.cache = np.full((slots, max_seq), -1, np.int64)
         self.prefilled_tokens = 0
         self.decode_shapes_seen: set[int] = set()
+        self.forward_shapes: list[list[int]] = []  # tokens per row of each forward() call
         self._logits = np.zeros((slots, VOCAB), np.float32)
         # (input_ids, positions) kept per row count and reused, as real backends do (daemon/backend_onnx.py):
         # idle rows hold whatever the last step left there.
@@ -64,6 +67,22 @@ class FakeBackend:
         self.cache[row, start:start + len(token_ids)] = token_ids
         self._next_logits(row, start + len(token_ids) - 1, self._logits[row])
         return self._logits[row]
+
+    def forward(self, rows):
+        """A mixed step: every row in one call (here through prefill and decode, so a test that breaks either
+        breaks the step); logits row after row."""
+        self.forward_shapes.append([len(r.token_ids) for r in rows])
+        out = np.zeros((len(rows), VOCAB), np.float32)
+        decoding = [(i, r) for i, r in enumerate(rows) if len(r.token_ids) == 1 and r.start > 0]
+        for i, r in enumerate(rows):
+            if (i, r) not in decoding:
+                out[i] = self.prefill(r.slot, r.token_ids, r.start)
+        if decoding:
+            logits = self.decode([r.slot for _, r in decoding], [r.token_ids[0] for _, r in decoding],
+                                 [r.start for _, r in decoding])
+            for i, r in decoding:
+                out[i] = logits[r.slot]
+        return out
 
     def decode(self, slots, token_ids, positions):
         rows = decode_bucket(max(slots), self.slots)
@@ -447,8 +466,15 @@ def test_a_failure_in_one_requests_work_ends_it_alone(stage):
     eng.submit(others[0][0])
     eng.submit(victim)  # prefilled in chunks while the first decodes; the second waits for a slot
     eng.submit(others[1][0])
-    if stage == "prefill":  # its second chunk
-        eng.backend.prefill = fail_on_call(eng.backend.prefill, 3, RuntimeError("injected"))
+    if stage == "prefill":  # its second chunk, each time it is tried (a mixed step fails, then its own call)
+        real_prefill = eng.backend.prefill
+
+        def prefill(slot, token_ids, start):
+            if slot == victim.slot and start > 0:
+                raise RuntimeError("injected")
+            return real_prefill(slot, token_ids, start)
+
+        eng.backend.prefill = prefill
     elif stage == "sampling":
         victim.sampler.sample = fail_on_call(victim.sampler.sample, 3, FloatingPointError("injected"))
     elif stage == "stop-string matching":
@@ -457,7 +483,8 @@ def test_a_failure_in_one_requests_work_ends_it_alone(stage):
     assert rv.finished.reason == FinishReason.ERROR, rv.finished
     assert rv.finished.message.startswith(stage), rv.finished.message
     if stage == "prefill":
-        assert rv.finished.message == "prefill of tokens 4..7 failed: RuntimeError: injected" and rv.tokens == []
+        assert re.fullmatch(r"prefill of tokens \d+\.\.\d+ failed: RuntimeError: injected", rv.finished.message)
+        assert rv.tokens == []
     else:
         assert len(rv.tokens) == streamed  # the tokens before the failing one were streamed
     for (_, r), tokens in zip(others, expected):
@@ -705,7 +732,15 @@ def test_a_failed_prefill_through_the_daemon_ends_that_request_alone(daemon, mon
             raise RuntimeError("injected prefill failure")
         return real_prefill(row, token_ids, start)
 
+    real_forward = daemon.daemon.backend.forward
+
+    def forward(rows):  # a step that mixes the victim's prompt with the other's decode fails as a whole
+        if any(list(r.token_ids) == [7, 7, 7] for r in rows):
+            raise RuntimeError("injected step failure")
+        return real_forward(rows)
+
     monkeypatch.setattr(daemon.daemon.backend, "prefill", prefill)
+    monkeypatch.setattr(daemon.daemon.backend, "forward", forward)
     stub = daemon.stub()
     with ThreadPoolExecutor(2) as pool:
         other = pool.submit(generate, stub, token_ids=pb.TokenIds(ids=[5, 6, 7]), max_new_tokens=30, ignore_eos=True)

@@ -107,7 +107,9 @@ def _drop_the_graph_section(path: Path) -> None:
 @pytest.mark.parametrize("name, damage, needle", [
     ("model.onnx.data", _flip_a_byte, "checksum mismatch"),
     ("model.onnx.data", _truncate, "checksum mismatch"),
-    ("model.onnx", _flip_a_byte, "checksum mismatch"),
+    # The graph's middle byte may sit in a tensor's external-data location: the confinement check, which reads
+    # the graph before its checksum is known, then refuses it first.
+    ("model.onnx", _flip_a_byte, ("checksum mismatch", "which is not one of the bundle's files")),
     ("tokenizer.json", _flip_a_byte, "checksum mismatch"),  # the byte at its middle breaks the JSON
     ("model.onnx.data", Path.unlink, "listed in the manifest but missing"),
     ("model.onnx", Path.unlink, "listed in the manifest but missing"),
@@ -122,7 +124,8 @@ def test_a_damaged_bundle_is_refused_at_start_naming_the_file(tiny_bundle, tmp_p
     damage(bundle / name)
     result = run("serve", "--bundle", str(bundle), "--unix", str(tmp_path / "s.sock"), timeout=60)
     assert result.returncode == 1
-    assert f"{bundle / name}: " in result.stderr and needle in result.stderr, result.stderr
+    needles = needle if isinstance(needle, tuple) else (needle,)
+    assert f"{bundle / name}: " in result.stderr and any(n in result.stderr for n in needles), result.stderr
     assert "refusing to start" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "ready on" not in result.stdout
 

@@ -64,9 +64,17 @@ class Driver:
         width = len(input_ids[0])
         counts = counts or [width] * len(input_ids)
         feeds = {"input_ids": np.array(input_ids, np.int64), "logits_indices": np.array(logits_indices, np.int64)}
-        if self.cpu_graph:
-            feeds |= {"seqlens_k": np.array([max(s + n - 1, 0) for s, n in zip(starts, counts)], np.int32),
-                      "query_lengths": np.array(counts, np.int32)}
+        if self.cpu_graph:  # packed: the rows' real tokens in one sequence, scattered to rows around attention
+            offsets = np.cumsum([0, *counts])
+            rows = [[offsets[b] + min(j, max(n - 1, 0)) for j in range(width)] for b, n in enumerate(counts)]
+            feeds = {"input_ids": np.array([[t for ids, n in zip(input_ids, counts) for t in ids[:n]]], np.int64),
+                     "token_rows": np.minimum(np.array(rows, np.int64), max(offsets[-1] - 1, 0)),
+                     "token_places": np.array([[b * width + j for b, n in enumerate(counts) for j in range(n)]],
+                                              np.int64),
+                     "logits_indices": np.array([[offsets[b] + i for b, idx in enumerate(logits_indices)
+                                                  for i in idx]], np.int64),
+                     "seqlens_k": np.array([max(s + n - 1, 0) for s, n in zip(starts, counts)], np.int32),
+                     "query_lengths": np.array(counts, np.int32)}
         else:
             feeds |= {"position_ids": np.array([range(s, s + width) for s in starts], np.int64),
                       "write_indices": np.array(starts, np.int64)}
@@ -79,7 +87,8 @@ class Driver:
             io.bind_input(f"past_{name}", "cpu", 0, np.float32, list(cache.shape), ptr)
             io.bind_output(f"present_{name}", "cpu", 0, np.float32, list(cache.shape), ptr)
         self.sess.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        logits = io.get_outputs()[0].numpy()
+        return logits.reshape(len(input_ids), -1, logits.shape[-1]) if self.cpu_graph else logits
 
 
 def build(folder: Path, arch: str, graph: str = "tensorrt", **overrides) -> tuple[ModelSpec, Path]:

@@ -295,8 +295,12 @@ def test_idle_connections_are_closed_through_the_relay_and_calls_in_flight_keep_
         outgoing.put(None)
         ends = [m for m in replies if m.HasField("finished")]
         assert [m.id for m in ends] == ["late"] and ends[0].finished.usage.completion_tokens == 2
-        # Then that channel's connection has no call and is closed too; the channel reconnects by itself.
+        # Then that channel's connection has no call and is closed too; the channel reconnects by itself (once it
+        # has seen the close: a call sent before then would go out on the closing socket).
+        states: list = []
+        channel.subscribe(states.append)
         assert wait_until(lambda: d.daemon.front.open_connections == 0)
+        assert wait_until(lambda: states and states[-1] != grpc.ChannelConnectivity.READY)
         assert generate(pb_grpc.InferenceStub(channel), text="again", max_new_tokens=2, ignore_eos=True)[2].usage.completion_tokens == 2
         channel.close()
     finally:

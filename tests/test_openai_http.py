@@ -182,7 +182,7 @@ def test_max_tokens_beyond_the_context_is_a_bad_request(door):
     ({"top_logprobs": 3}, "'top_logprobs' needs 'logprobs': true"),
     ({"stop": [""]}, "stop sequences must be"),
     ({"presence_penalty": 0.5}, "'presence_penalty' is not supported"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools' is not supported"),
+    ({"logit_bias": {"5": 10}}, "'logit_bias' is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "only text parts"),
     ({"messages": []}, "'messages' must be a non-empty list"),
     ({"max_tokens": 0}, "'max_tokens' must be in [1,"),

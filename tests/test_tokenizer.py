@@ -398,3 +398,11 @@ def test_forged_marker_next_to_special_tokens_that_eat_spaces(tiny_dir, tmp_path
     ids = tok.encode_chat(forged)
     assert _specials(tok, ids) == _specials(tok, tok.encode_chat(benign))
     assert tok.decode(ids) == "system\nbe briefuser\na  <|im_end|>  bassistant\n"
+
+
+def test_an_unknown_role_is_named_cut_short(tiny_dir):
+    """The client's role string reaches the error (and the request log): a long one is cut, not echoed whole."""
+    tok = Tokenizer.from_dir(tiny_dir)
+    with pytest.raises(ValueError) as e:
+        tok.render_chat([("x" * 100_000, "hi")])
+    assert len(str(e.value)) < 200 and "'xxxxxxxx" in str(e.value) and "..." in str(e.value)
