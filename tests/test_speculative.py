@@ -86,14 +86,16 @@ class Oracle:
 class Run:
     """An engine over a real CPU backend, stepped by hand on a frozen clock (the ledger never turns speculation off)."""
 
-    def __init__(self, bundle_path: Path, spec: SpeculativeConfig | None, drafter=None, slots: int = 2):
+    def __init__(self, bundle_path: Path, spec: SpeculativeConfig | None, drafter=None, slots: int = 2,
+                 mixed_steps: bool = True):
         from bundle_format.bundle import load_bundle
         from daemon.tokenizer import Tokenizer
 
         bundle = load_bundle(bundle_path)
         tok = Tokenizer.from_dir(bundle.path, extra_eos_ids=bundle.model["eos_token_ids"])
         self.engine = Engine(create_cpu_backend(bundle, slots, threads=1), tok, bundle.context_length,
-                             speculative=spec, drafter=drafter, clock=lambda: 0.0, prefill_chunk_tokens=8)
+                             speculative=spec, drafter=drafter, clock=lambda: 0.0, prefill_chunk_tokens=8,
+                             mixed_steps=mixed_steps)
 
     def submit(self, prompt, n, sampling=None, **kw):
         events: list = []
@@ -192,17 +194,31 @@ def test_max_new_tokens_is_never_passed(tiny_bundles):
         assert tokens(ev) == truth[:n] and finished(ev).completion_tokens == n
 
 
-def test_batch_mixing_speculative_and_plain_requests(tiny_bundles):
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_batch_mixing_speculative_and_plain_requests(tiny_bundles, monkeypatch, mixed_steps):
+    """Verify rows ride in the step's one forward pass with the decode rows and prompt chunks (mixed steps), or
+    get a pass of their own (mixed steps off); the output is the same either way."""
+    from daemon.backend_onnx import OnnxBackend
+
+    shared = []
+    forward = OnnxBackend.forward
+
+    def counting(self, rows):
+        shared.append(len(rows) > 1 and any(r.logits > 1 for r in rows))
+        return forward(self, rows)
+
     bundle = tiny_bundles("mistral_swa")
     prompts = [PROMPT, [40, 41, 42, 43, 40, 41], [7, 8, 9]]
     truths = {tuple(p): tokens(alone(bundle, p, 40, ignore_eos=True)[0]) for p in prompts}
-    r = Run(bundle, ON, Oracle(truths), slots=4)
+    monkeypatch.setattr(OnnxBackend, "forward", counting)
+    r = Run(bundle, ON, Oracle(truths), slots=4, mixed_steps=mixed_steps)
     runs = [r.submit(p, 40, ignore_eos=True, speculative=(i != 1)) for i, p in enumerate(prompts)]
     r.finish()
     for p, (seq, ev) in zip(prompts, runs):
         assert tokens(ev) == truths[tuple(p)]
     assert runs[1][0].speculation is None  # the request that opted out never verified a draft
     assert all(s.speculation.accepted > 5 for s, _ in (runs[0], runs[2]))
+    assert any(shared) == mixed_steps  # verify rows shared a pass with other rows exactly when steps are mixed
 
 
 def test_max_batch_keeps_larger_batches_plain(tiny_bundles):
