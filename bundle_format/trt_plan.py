@@ -19,8 +19,10 @@ from bundle_format.decode_buckets import decode_buckets
 from bundle_format.kv_cache import KvCacheLayout
 
 ENGINE_FILE = "model.engine"
-PREFILL = 0  # optimization profile of prefill; the k-th of decode_buckets() uses profile 1 + k
+PREFILL = 0  # optimization profile of prefill; the k-th of decode_buckets() uses profile 1 + k; then verify
 DEFAULT_MAX_PREFILL_TOKENS = 1024
+# Most positions of a verify pass (speculative decoding: the last token and up to 32 drafted ones).
+MAX_VERIFY_TOKENS = 33
 # Step inputs, packed into one int64 buffer per step shape so one copy moves them all.
 STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "logits_indices")
 MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "bf16": (8, 0), "int8": (7, 5), "fp16": (7, 5)}
@@ -73,14 +75,26 @@ def decode_profile(rows: int, slots: int) -> int:
     return 1 + decode_buckets(slots).index(rows)
 
 
-def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens: int) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
-    """[prefill, decode for each decode batch size]: name -> (min, opt, max) for every input.
+def verify_profile(slots: int) -> int:
+    """The optimization profile of the verify pass: after prefill and every decode batch size."""
+    return 1 + len(decode_buckets(slots))
+
+
+def verify_tokens_limit(layout: KvCacheLayout, verify_tokens: int = MAX_VERIFY_TOKENS) -> int:
+    """The verify profile's most positions: verify_tokens, or less where the cache is shorter."""
+    return min(verify_tokens, layout.max_seq - 1)
+
+
+def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens: int,
+                          verify_tokens: int = MAX_VERIFY_TOKENS) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """[prefill, decode for each decode batch size, verify]: name -> (min, opt, max) for every input.
 
     Prefill: one row, 1..max_prefill_tokens tokens (opt: a typical prompt chunk). Decode: one token per row,
     static shapes, one profile per batch size the scheduler uses. Why one each: every CUDA graph needs
     its own execution context with fixed shapes, and TensorRT documents that execution contexts alive at
     the same time must not share a profile; a static profile also gets kernels tuned for its exact shape.
-    The KV-cache dims are static but for the batch."""
+    The KV-cache dims are static but for the batch. Verify (speculative decoding): one row, 1..verify_tokens
+    tokens with logits at every one (logits_indices [1, tokens]); like prefill, its shape changes per call."""
     if max_prefill_tokens < 1 or max_prefill_tokens > layout.max_seq - 1:
         raise ValueError(f"max prefill tokens must be in 1..{layout.max_seq - 1}, got {max_prefill_tokens}")
     if slots < 1:
@@ -88,24 +102,28 @@ def optimization_profiles(layout: KvCacheLayout, slots: int, max_prefill_tokens:
     cache = (layout.num_kv_heads, layout.max_seq, layout.head_dim)
     kv_names = [f"past_{kv}.{i}" for i in range(layout.num_layers) for kv in ("key", "value")]
 
-    def profile(rows: tuple[int, int, int], tokens: tuple[int, int, int]) -> dict[str, tuple[Shape, Shape, Shape]]:
+    def profile(rows: tuple[int, int, int], tokens: tuple[int, int, int],
+                every_token: bool = False) -> dict[str, tuple[Shape, Shape, Shape]]:
         p = {"input_ids": tuple((r, t) for r, t in zip(rows, tokens)),
              "position_ids": tuple((r, t) for r, t in zip(rows, tokens)),
              "write_indices": tuple((r,) for r in rows),
-             "logits_indices": tuple((r, 1) for r in rows)}
+             "logits_indices": tuple((r, t if every_token else 1) for r, t in zip(rows, tokens))}
         for name in kv_names:
             p[name] = tuple((r, *cache) for r in rows)
         return p
 
     opt_prompt = min(max_prefill_tokens, 128)
+    verify = verify_tokens_limit(layout, verify_tokens)
     return [profile((1, 1, 1), (1, opt_prompt, max_prefill_tokens)),
-            *(profile((r, r, r), (1, 1, 1)) for r in decode_buckets(slots))]
+            *(profile((r, r, r), (1, 1, 1)) for r in decode_buckets(slots)),
+            profile((1, 1, 1), (1, min(9, verify), verify), every_token=True)]
 
 
 def profiles_to_manifest(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) -> list[dict[str, Any]]:
     """YAML-friendly profiles (the KV-cache inputs summarized by the first one's shapes)."""
     out = []
-    names = ["prefill", *(f"decode_batch_{p['write_indices'][0][0]}" for p in profiles[1:])]
+    names = ["prefill", *("verify" if p["logits_indices"][2][1] > 1 else f"decode_batch_{p['write_indices'][0][0]}"
+                          for p in profiles[1:])]
     for name, p in zip(names, profiles):
         shapes = {k: [list(s) for s in v] for k, v in p.items() if not k.startswith("past_")}
         kv = next((v for k, v in p.items() if k.startswith("past_")), None)
@@ -115,13 +133,14 @@ def profiles_to_manifest(profiles: list[dict[str, tuple[Shape, Shape, Shape]]]) 
     return out
 
 
-def packed_inputs(rows: int, tokens: int) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """Where each step input lives in the packed int64 buffer: name -> (element offset, shape).
+def packed_inputs(rows: int, tokens: int, n_logits: int = 1) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Where each step input lives in the packed int64 buffer: name -> (element offset, shape); n_logits positions
+    per row get logits (a verify pass: every one).
 
     Each segment starts on a 256-byte boundary (setTensorAddress refuses anything less); the buffer
     itself comes from cuMemAlloc, which aligns to at least 256 bytes."""
     shapes = {"input_ids": (rows, tokens), "position_ids": (rows, tokens), "write_indices": (rows,),
-              "logits_indices": (rows, 1)}
+              "logits_indices": (rows, n_logits)}
     out, offset = {}, 0
     for name in STEP_INPUTS:
         out[name] = (offset, shapes[name])
@@ -129,15 +148,25 @@ def packed_inputs(rows: int, tokens: int) -> dict[str, tuple[int, tuple[int, ...
     return out
 
 
-def packed_input_elements(rows: int, tokens: int) -> int:
-    offset, shape = packed_inputs(rows, tokens)[STEP_INPUTS[-1]]
+def packed_input_elements(rows: int, tokens: int, n_logits: int = 1) -> int:
+    offset, shape = packed_inputs(rows, tokens, n_logits)[STEP_INPUTS[-1]]
     return offset + math.prod(shape)
 
 
-def packed_views(buffer: np.ndarray, rows: int, tokens: int) -> dict[str, np.ndarray]:
+def packed_views(buffer: np.ndarray, rows: int, tokens: int, n_logits: int = 1) -> dict[str, np.ndarray]:
     """Each step input as a view of the packed buffer (writes go straight into it), shaped for rows x tokens."""
     return {name: buffer[off:off + int(np.prod(shape))].reshape(shape)
-            for name, (off, shape) in packed_inputs(rows, tokens).items()}
+            for name, (off, shape) in packed_inputs(rows, tokens, n_logits).items()}
+
+
+def fill_verify_inputs(views: dict[str, np.ndarray], token_ids: np.ndarray, start: int) -> None:
+    """A verify pass's inputs (packed_views of 1 row x n tokens x n logits): the tokens at positions start..,
+    written from start, logits at every one."""
+    n = len(token_ids)
+    views["input_ids"][0] = token_ids
+    views["position_ids"][0] = np.arange(start, start + n)
+    views["write_indices"][0] = start
+    views["logits_indices"][0] = np.arange(n)
 
 
 def graph_key(profile: int, rows: int, tokens: int) -> tuple[int, int, int]:
@@ -164,17 +193,21 @@ class MemoryBudget:
                 f"activations {self.activations / mib:.0f}, step buffers {self.step_buffers / mib:.1f})")
 
 
-def step_buffer_bytes(slots: int, vocab_size: int, max_prefill_tokens: int) -> int:
-    """Packed inputs of the prefill shape and each decode shape, plus logits of one row and of every decode shape."""
+def step_buffer_bytes(slots: int, vocab_size: int, max_prefill_tokens: int, verify_tokens: int = 0) -> int:
+    """Packed inputs of the prefill shape, each decode shape and the longest verify pass, plus logits of one row, of
+    every decode shape and of every verify position."""
     inputs = packed_input_elements(1, max_prefill_tokens) + sum(packed_input_elements(r, 1) for r in decode_buckets(slots))
     logits = vocab_size + sum(r * vocab_size for r in decode_buckets(slots))
+    if verify_tokens:
+        inputs += packed_input_elements(1, verify_tokens, verify_tokens)
+        logits += verify_tokens * vocab_size
     return 8 * inputs + 4 * logits
 
 
 def memory_budget(layout: KvCacheLayout, slots: int, vocab_size: int, max_prefill_tokens: int, engine_bytes: int,
-                  activation_bytes: int) -> MemoryBudget:
+                  activation_bytes: int, verify_tokens: int = 0) -> MemoryBudget:
     return MemoryBudget(engine_bytes, layout.bytes_per_row() * slots, activation_bytes,
-                        step_buffer_bytes(slots, vocab_size, max_prefill_tokens))
+                        step_buffer_bytes(slots, vocab_size, max_prefill_tokens, verify_tokens))
 
 
 def check_memory(budget: MemoryBudget, free_bytes: int, headroom: float = 0.9) -> None:

@@ -1,5 +1,6 @@
 """What the engine needs of a backend: a KV cache of fixed slots and a step over rows of new tokens (forward);
-prefill of one slot and a batched decode are the two plain cases of it.
+prefill of one slot, a batched decode and the multi-position score of one slot (speculative decoding's verify
+pass) are plain cases of it.
 
 Each backend owns its fixed buffers (IO bindings, pinned memory, CUDA-graph addresses): the engine hands
 it plain token ids and positions, and it writes them into those buffers itself.
@@ -28,6 +29,7 @@ class Backend(Protocol):
     slots: int
     threads: int  # CPU threads a step keeps busy (the caller's included); 0 where the model runs elsewhere (a GPU)
     cuda_graphs: str  # one line for GetModel: which decode batch sizes replay a CUDA graph; "" where none can
+    max_score_tokens: int  # most positions score() takes at once; 0 where it cannot (no speculative decoding)
 
     @property
     def kv_cache_bytes(self) -> int: ...
@@ -43,6 +45,11 @@ class Backend(Protocol):
     def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
         """Every row's tokens in one model call (distinct slots); logits [sum of rows' `logits`, vocab], row
         after row in the order given (a view, valid until the next call)."""
+
+    def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write token_ids at positions start.. of one slot; the logits of every one of them [n, vocab] (a view,
+        valid until the next call). Speculative decoding's verify pass: rejected positions are simply written
+        over later (the caller counts only what it keeps)."""
 
     def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """K/V of positions [start, end) of a slot, copied to a new host array [layers, 2 (K, V), kv_heads,

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from bundle_format.bundle import Bundle
 from bundle_format.decode_buckets import decode_bucket
 from bundle_format.kv_cache import KvCacheLayout
+from bundle_format.trt_plan import MAX_VERIFY_TOKENS
 from daemon.backend import StepRow, write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
@@ -57,6 +58,8 @@ class OnnxBackend:
         self.layout = layout
         self.slots = slots
         self.vocab_size = vocab_size
+        # A verify pass (speculative decoding) is a step whose one row keeps every position's logits.
+        self.max_score_tokens = min(MAX_VERIFY_TOKENS, layout.max_seq)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -157,6 +160,13 @@ class OnnxBackend:
     def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
         """Write tokens at positions start.. of one slot; returns the last token's logits [vocab] (a view)."""
         return self.forward([StepRow(slot, token_ids, start)])[0]
+
+    def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one slot; returns the logits of every one of them [n, vocab] (a view)."""
+        n = len(token_ids)
+        if not 0 < n <= self.max_score_tokens:
+            raise ValueError(f"a verify pass takes 1..{self.max_score_tokens} tokens, got {n}")
+        return self.forward([StepRow(slot, token_ids, start, logits=n)])
 
     def _decode_binding(self, rows: int) -> _Binding:
         key = (0, rows, rows, 1, rows, True)

@@ -15,7 +15,8 @@ The CUDA context (the device's primary context, which TensorRT's CUDA runtime us
 the start of every public call and popped at its end, on whatever thread makes it: pycuda aborts the
 process when a thread's context stack is not empty at exit.
 
-Prefill runs without a graph (its shape changes with every prompt) in its own context (profile 0).
+Prefill runs without a graph (its shape changes with every prompt) in its own context (profile 0), and so does
+speculative decoding's verify pass (the last profile: one row, up to MAX_VERIFY_TOKENS positions, logits at each).
 Each decode batch size gets its own context and static profile with fixed shapes and addresses: one warm-up
 execute_async_v3, then the same call captured into a CUDA graph (daemon/cuda_graph.py). A step then
 copies the packed token ids/positions in, launches the graph and copies the logits back: one copy, one
@@ -39,8 +40,9 @@ from bundle_format.decode_buckets import decode_bucket, decode_buckets
 from bundle_format.kv_cache import KvCacheLayout
 from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compatible, check_kv_aliases,
                                     check_kv_rows_aligned, check_memory, check_set_input_shape,
-                                    check_set_tensor_address, decode_profile, fill_decode_inputs, kv_cache_pairs,
-                                    memory_budget, packed_input_elements, packed_inputs, packed_views)
+                                    check_set_tensor_address, decode_profile, fill_decode_inputs, fill_verify_inputs,
+                                    kv_cache_pairs, memory_budget, packed_input_elements, packed_inputs, packed_views,
+                                    verify_profile)
 from daemon.backend import StepRow, write_decode_inputs
 from daemon.cuda_graph import CudaGraph, capture_or_fallback
 from daemon.prefix_cache import block_dtype, block_shape
@@ -56,7 +58,7 @@ class _Step:
     rows: int
     host_in: np.ndarray  # packed int64 inputs, pinned
     device_in: Any
-    host_logits: np.ndarray  # [rows, 1, vocab] float32, pinned
+    host_logits: np.ndarray  # [rows, n_logits, vocab] float32, pinned (n_logits: 1, or a verify pass's most)
     device_logits: Any
     input_ids: np.ndarray
     position_ids: np.ndarray
@@ -111,6 +113,8 @@ class TrtBackend:
         self._ctx = dev.retain_primary_context()  # the context TensorRT's CUDA runtime uses too
         self._decode: dict[int, _Step] = {}
         self._prefill: _Step | None = None
+        self._verify: _Step | None = None  # speculative decoding's verify pass; None: the engine has no profile for it
+        self.max_score_tokens = 0
         self._buffers: list[Any] = []  # every device allocation, freed by close()
         self.graph_status: dict[int, str] = {}
         self._ctx.push()
@@ -139,7 +143,11 @@ class TrtBackend:
         self._aliases = check_kv_aliases(aliased, layout.num_layers)  # EngineRefused names the tensor
         scratch = max(self.engine.get_device_memory_size_for_profile_v2(p)
                       for p in range(self.engine.num_optimization_profiles))
-        budget = memory_budget(layout, slots, vocab, self.max_prefill_tokens, len(engine_bytes), scratch)
+        verify = verify_profile(int(record["slots"]))
+        if self.engine.num_optimization_profiles > verify:  # engines compiled before it have none
+            self.max_score_tokens = int(self.engine.get_tensor_profile_shape("input_ids", verify)[2][1])
+        budget = memory_budget(layout, slots, vocab, self.max_prefill_tokens, len(engine_bytes), scratch,
+                               self.max_score_tokens)
         free, _total = cuda.mem_get_info()
         check_memory(budget, free + len(engine_bytes))  # the engine's weights are already resident
         log.info("TensorRT %s on %s: device memory %s", trt.__version__, gpu_name, budget.summary())
@@ -155,6 +163,11 @@ class TrtBackend:
                 cuda.memset_d8(buf, 0, self._row_bytes * slots)
                 self._cache[i, kind] = buf
         self._prefill = self._make_step(PREFILL, rows=1, tokens=self.max_prefill_tokens)
+        if self.max_score_tokens:
+            n = self.max_score_tokens
+            self._verify = self._make_step(verify, rows=1, tokens=n, n_logits=n)
+        else:
+            log.info("the engine has no verify profile: no speculative decoding (compile the bundle again for it)")
         for rows in decode_buckets(slots):
             step = self._make_step(decode_profile(rows, int(record["slots"])), rows=rows, tokens=1)
             self._decode[rows] = step
@@ -175,17 +188,17 @@ class TrtBackend:
         self._buffers.append(buf)
         return buf
 
-    def _make_step(self, profile: int, rows: int, tokens: int) -> _Step:
+    def _make_step(self, profile: int, rows: int, tokens: int, n_logits: int = 1) -> _Step:
         cuda, trt = self._cuda, self._trt
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(int(self._scratch), self._scratch_bytes)
         if not context.set_optimization_profile_async(profile, self.stream.handle):
             raise RuntimeError(f"TensorRT refused optimization profile {profile} for an execution context")
-        n = packed_input_elements(rows, tokens)
+        n = packed_input_elements(rows, tokens, n_logits)
         host_in = cuda.pagelocked_zeros(n, np.int64)
-        host_logits = cuda.pagelocked_zeros((rows, 1, self.vocab_size), np.float32)
+        host_logits = cuda.pagelocked_zeros((rows, n_logits, self.vocab_size), np.float32)
         return _Step(context, rows, host_in, self._alloc(host_in.nbytes), host_logits,
-                     self._alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens),
+                     self._alloc(host_logits.nbytes), **packed_views(host_in, rows, tokens, n_logits),
                      positions=np.zeros(rows, np.int64), profile=profile)
 
     def _set_shape(self, step: _Step, name: str, shape: tuple[int, ...]) -> None:
@@ -195,10 +208,10 @@ class TrtBackend:
         check_aligned(name, address)
         check_set_tensor_address(step.context.set_tensor_address(name, address), name, address)
 
-    def _bind(self, step: _Step, first_row: int, rows: int, tokens: int) -> None:
+    def _bind(self, step: _Step, first_row: int, rows: int, tokens: int, n_logits: int = 1) -> None:
         """Shapes and addresses of one step; inputs packed in device_in, KV cache rows [first_row, first_row+rows)."""
         base = int(step.device_in)
-        for name, (offset, shape) in packed_inputs(rows, tokens).items():
+        for name, (offset, shape) in packed_inputs(rows, tokens, n_logits).items():
             self._set_shape(step, name, shape)
             self._set_address(step, name, base + 8 * offset)
         cache_shape = (rows, self.layout.num_kv_heads, self.layout.max_seq, self.layout.head_dim)
@@ -288,6 +301,28 @@ class TrtBackend:
             self._cuda.Context.pop()
         return step.host_logits[0, 0]
 
+    def score(self, slot: int, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Write tokens at positions start.. of one slot; the logits of every one of them [n, vocab] (a view of the
+        pinned buffer). The verify profile's own context, bound per call like prefill (no CUDA graph: its shape
+        and slot change from call to call)."""
+        n = len(token_ids)
+        if not 0 < n <= self.max_score_tokens:
+            raise ValueError(f"a verify pass takes 1..{self.max_score_tokens} tokens here, got {n}")
+        step, cuda, stream = self._verify, self._cuda, self.stream
+        self._ctx.push()  # popped below on this same thread: no thread keeps the context pushed
+        try:
+            self._bind(step, first_row=slot, rows=1, tokens=n, n_logits=n)
+            fill_verify_inputs(packed_views(step.host_in, 1, n, n), np.asarray(token_ids, np.int64), start)
+            cuda.memcpy_htod_async(step.device_in, step.host_in, stream)
+            if not step.context.execute_async_v3(stream.handle):
+                raise RuntimeError("TensorRT could not enqueue the verify pass (see its messages in the log)")
+            out = step.host_logits[0, :n]  # the first n rows of the buffer: what the engine wrote
+            cuda.memcpy_dtoh_async(out, step.device_logits, stream)
+            stream.synchronize()
+        finally:
+            cuda.Context.pop()
+        return out
+
     def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> _Step:
         """The fixed buffers of the decode batch size that covers slots, filled for this step (host side only)."""
         step = self._decode[decode_bucket(max(slots), self.slots)]
@@ -308,7 +343,8 @@ class TrtBackend:
 
     def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
         """Backend.forward as this backend's fixed-shape calls (one CUDA-graph bucket per decode batch size): a
-        prefill per prompt chunk, then one decode of the single-token rows; logits copied into a new array."""
+        prefill per prompt chunk, a verify pass per verify row, then one decode of the single-token rows; logits
+        copied into a new array."""
         out = np.empty((sum(r.logits for r in rows), self.vocab_size), np.float32)
         at, decoding = 0, []
         for r in rows:
@@ -316,8 +352,11 @@ class TrtBackend:
                 decoding.append((at, r))
             elif r.logits == 1:
                 out[at] = self.prefill(r.slot, r.token_ids, r.start)
+            elif r.logits == len(r.token_ids) and r.logits <= self.max_score_tokens:  # a verify row
+                out[at:at + r.logits] = self.score(r.slot, r.token_ids, r.start)
             elif r.logits:
-                raise ValueError("the TensorRT backend gives logits of a chunk's last token only")
+                raise ValueError("the TensorRT backend gives logits of a chunk's last token, or of every token of a "
+                                 f"verify row of at most {self.max_score_tokens}")
             else:
                 self.prefill(r.slot, r.token_ids, r.start)
             at += r.logits
@@ -395,8 +434,8 @@ class TrtBackend:
             if step.graph is not None:
                 step.graph.close()
                 step.graph = None
-        steps = [*self._decode.values(), *([self._prefill] if self._prefill else [])]
-        self._decode, self._prefill = {}, None
+        steps = [*self._decode.values(), *(s for s in (self._prefill, self._verify) if s is not None)]
+        self._decode, self._prefill, self._verify = {}, None, None
         for step in steps:
             step.context = None  # execution contexts before the scratch memory they use
             for host in (step.host_in, step.host_logits):

@@ -193,6 +193,25 @@ class PrefixCacheConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding: drafted tokens checked by one model pass (docs/speculative.md)."""
+
+    enabled: bool = False  # requests speculate unless they opt out (GenerateRequest.speculative: false)
+    # A draft model's bundle (same tokenizer, e.g. a smaller or lower-precision build of the same model); null:
+    # prompt lookup drafts (n-grams of the prompt and output so far, no extra model). `serve --draft` sets it.
+    draft_bundle: str | None = None
+    draft_threads: int = 1  # the draft model's ONNX Runtime threads
+    max_draft_tokens: int = 8  # tokens drafted per verify pass (k): the pass scores k + 1 positions
+    ngram_min: int = 2  # prompt lookup: the shortest n-gram matched (the longest is tried first)
+    ngram_max: int = 4
+    # Speculate only in steps that decode at most this many requests: each verify pass is its own model call,
+    # so in a larger batch it reads the weights once more where a plain decode row would have shared the pass.
+    max_batch: int = 1
+    # A request decodes plainly while its verify passes have cost more than this share of its decode time.
+    max_slowdown: float = 0.05
+
+
+@dataclass
 class Config:
     bundle: str | None = None  # path of the engine bundle; `serve --bundle` overrides it
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -206,6 +225,7 @@ class Config:
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
 
 _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_tokens": 1, "engine.max_queued": 0,
@@ -219,14 +239,17 @@ _MINIMUMS = {"engine.slots": 1, "engine.threads": 0, "engine.prefill_chunk_token
              "service.drain_seconds": 0.0, "service.metrics_timeout_s": 0.1,
              "structured.max_schema_bytes": 16, "structured.compile_timeout_s": 0.01, "structured.cache_size": 1,
              "prefix_cache.share": 0.0, "prefix_cache.max_bytes": 0, "prefix_cache.block_tokens": 8,
-             "prefix_cache.max_disk_bytes": 0, "prefix_cache.save_interval_s": 1.0}
+             "prefix_cache.max_disk_bytes": 0, "prefix_cache.save_interval_s": 1.0,
+             "speculative.draft_threads": 1, "speculative.max_draft_tokens": 1, "speculative.ngram_min": 1,
+             "speculative.ngram_max": 1, "speculative.max_batch": 1, "speculative.max_slowdown": 0.0}
 MAX_STREAM_INTERVAL_MS = 1000  # longer and a stream stops looking like one
 _MAXIMUMS = {"generation.stream_interval_ms": MAX_STREAM_INTERVAL_MS,
              # gRPC takes these as 32-bit milliseconds
              "limits.handshake_timeout_s": 86400.0, "limits.idle_timeout_s": 86400.0, "limits.min_ping_interval_s": 86400.0,
              "limits.max_streams_per_connection": 2**31 - 1,
              "structured.max_schema_bytes": 16 * 1024 * 1024, "structured.compile_timeout_s": 600.0,
-             "prefix_cache.share": 4.0, "prefix_cache.block_tokens": 4096, "prefix_cache.save_interval_s": 86400.0}
+             "prefix_cache.share": 4.0, "prefix_cache.block_tokens": 4096, "prefix_cache.save_interval_s": 86400.0,
+             "speculative.max_draft_tokens": 32, "speculative.ngram_max": 16, "speculative.max_slowdown": 1.0}
 _CHOICES = {"logging.level": ("debug", "info", "warning", "error"), "logging.format": ("text", "json"),
             "prefix_cache.scope": ("shared", "per_peer", "off")}
 
@@ -295,6 +318,9 @@ def parse_config(data: Any) -> Config:
     if cfg.openai.model_name is not None and not cfg.openai.model_name.strip():
         raise ConfigError("'openai.model_name' must not be empty (null: the bundle's source name)")
     _check_warm_prompts(cfg.prefix_cache.warm)
+    if cfg.speculative.ngram_min > cfg.speculative.ngram_max:
+        raise ConfigError(f"'speculative.ngram_min' ({cfg.speculative.ngram_min}) must be at most "
+                          f"'speculative.ngram_max' ({cfg.speculative.ngram_max})")
     return cfg
 
 

@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from daemon.backend import Backend
+from daemon.config import SpeculativeConfig
 from daemon.metrics import EngineMetrics
 from daemon.model_runner import ModelRunner
 from daemon.pace import Pace
@@ -28,6 +29,7 @@ from daemon.postprocess import Outbox, Postprocessor
 from daemon.prefix_cache import PrefixCache
 from daemon.sampling import Sampler
 from daemon.scheduler import Scheduler, StepPlan
+from daemon.speculative import Drafter, Speculator, Verification
 from daemon.sequence import (Conversation, FinishEvent, FinishReason, Priority, QueueFullError, Sequence, StageFailure,
                              TokenEvent)
 from daemon.text_stream import TextStream
@@ -48,7 +50,8 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  heartbeat: Callable[[], None] | None = None, heartbeat_s: float | None = None,
                  cpu: int | None = None, max_consecutive_failures: int = 3,
-                 on_failure: Callable[[str], None] | None = None, prefix_cache: PrefixCache | None = None):
+                 on_failure: Callable[[str], None] | None = None, prefix_cache: PrefixCache | None = None,
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None):
         self.backend = backend
         self.context_length = context_length
         self.max_queued = max_queued
@@ -61,7 +64,17 @@ class Engine:
         if prefix_cache is not None:
             prefix_cache.bind_metrics(self.metrics)
         self.scheduler = Scheduler(backend.slots, context_length, prefill_chunk_tokens, prefix_cache, mixed_steps)
-        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, mixed_steps)
+        # daemon/speculative.py: drafts checked in one pass; None when off (or the config leaves it off).
+        self.speculator = None
+        if speculative is not None and speculative.enabled:
+            max_tokens = getattr(backend, "max_score_tokens", 0)
+            if max_tokens > 1:
+                self.speculator = Speculator(speculative, context_length, drafter, self.metrics, max_tokens - 1, clock)
+            else:
+                log.warning("speculative decoding is off: the %s backend cannot verify drafts (%s)", backend.name,
+                            "its engine has no verify profile: compile the bundle again" if backend.name.startswith(
+                                "tensorrt") else "no multi-position score")
+        self.runner = ModelRunner(backend, self.metrics, clock, prefix_cache, mixed_steps, self.speculator)
         self.outbox = Outbox()
         self.post = Postprocessor(tokenizer, context_length, self.outbox, self.metrics, self.class_metrics, clock)
         self.pace = Pace()
@@ -157,7 +170,12 @@ class Engine:
             plan = self.scheduler.schedule(now)
         self._start_and_end(plan, now)
         for seq, logits in self.runner.run(plan):  # each row is sampled before the next call reuses its buffer
-            ending = self.post.failed(logits) if isinstance(logits, StageFailure) else self.post.accept(seq, logits)
+            if isinstance(logits, StageFailure):
+                ending = self.post.failed(logits)
+            elif isinstance(logits, Verification):  # several rows: sampled in turn while the draft holds
+                ending = self.speculator.verify(seq, logits, self.post.accept)
+            else:
+                ending = self.post.accept(seq, logits)
             if ending is not None:
                 self._finish(seq, *ending)
         stats = self.runner.stats

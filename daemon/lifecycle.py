@@ -30,6 +30,7 @@ from daemon.front import (FrontDoor, address_of, connection_bound, make_relay_di
 from daemon.metrics import EngineMetrics, MetricsEndpoint
 from daemon.prefix_cache import PrefixCache, SnapshotWriter, create_prefix_cache, warm_prompts
 from daemon.request_log import reopen_log_files
+from daemon.speculative import Drafter, load_draft_model
 from daemon.server import InferenceService, add_inference_service
 from daemon.systemd import Notifier, listen_sockets
 from daemon.thread_placement import (ThreadPlacement, allowed_cpus, auto_stream_interval_ms, default_placement,
@@ -124,7 +125,8 @@ class Daemon:
     def __init__(self, config: Config, bundle: Bundle, tokenizer: Tokenizer, backend: Backend,
                  notifier: Notifier | None = None, inherited: list[socket.socket] | None = None,
                  placement: ThreadPlacement | None = None, token: str | None = None,
-                 tls: ssl.SSLContext | None = None, prefix_cache: PrefixCache | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, prefix_cache: PrefixCache | None = None,
+                 drafter: Drafter | None = None) -> None:
         """`token` and `tls` as run_daemon read them before the model load; left out, they are read from config.
         `prefix_cache` as run_daemon loaded and warmed it; left out, one in memory only, as configured."""
         if token is None and config.access.token_file:
@@ -142,6 +144,7 @@ class Daemon:
             prefix_cache = create_prefix_cache(config.prefix_cache, bundle.bundle_id, bundle.kv_cache,
                                                backend.kv_cache_bytes, persist=False)
         self.prefix_cache = prefix_cache
+        self.drafter = drafter  # speculative.draft_bundle's draft model, loaded by run_daemon; None: prompt lookup
         self._snapshots = (SnapshotWriter(prefix_cache, config.prefix_cache.save_interval_s)
                            if prefix_cache is not None and prefix_cache.snapshot_path is not None else None)
         self.engine: Engine | None = None
@@ -175,7 +178,7 @@ class Daemon:
                              max_consecutive_failures=cfg.engine.max_consecutive_failures,
                              # The engine thread reports giving up; the rest happens on this loop.
                              on_failure=lambda reason: asyncio.run_coroutine_threadsafe(self._engine_gave_up(reason), loop),
-                             prefix_cache=self.prefix_cache)
+                             prefix_cache=self.prefix_cache, speculative=cfg.speculative, drafter=self.drafter)
         if self.placement:  # this thread's affinity passes to the threads started below (gRPC's, the front door's)
             pin_current_thread(self.placement.service_cpu)
         connections = Connections()
@@ -418,6 +421,11 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
     placement = default_placement(config.engine.threads) if pin else None
     try:
         backend = create_backend(bundle, config, placement)
+        drafter = None
+        if config.speculative.enabled and config.speculative.draft_bundle:
+            drafter = load_draft_model(config.speculative.draft_bundle, bundle, backend.slots,
+                                       config.speculative.draft_threads,
+                                       (lambda b: verify_signed_bundle(b, trusted)) if trusted is not None else None)
         tokenizer = await tokenizer_loading
     except Exception:
         await asyncio.gather(tokenizer_loading, return_exceptions=True)  # its own failure, if any, is not the news
@@ -439,7 +447,8 @@ async def run_daemon(config: Config, bundle: Bundle) -> None:
         log.info("stop requested while loading: exiting without serving")
         notifier.close()
         return
-    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls, prefix_cache)
+    daemon = Daemon(config, bundle, tokenizer, backend, notifier, inherited, placement, token, tls, prefix_cache,
+                    drafter)
     try:
         await daemon.start()
         notifier.ready(f"serving {bundle.model['architecture']} ({backend.name}, {backend.slots} slots) on "

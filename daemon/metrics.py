@@ -63,6 +63,12 @@ class EngineMetrics:
                                               registry=r)
         self.prefix_cache_tokens = Counter("edgellm_prefix_cache_tokens",
                                            "Prompt tokens whose K/V were copied from the prefix cache.", registry=r)
+        self.speculative_passes = Counter("edgellm_speculative_passes",
+                                          "Verify passes of drafted tokens (speculative decoding).", registry=r)
+        self.speculative_drafted_tokens = Counter("edgellm_speculative_drafted_tokens", "Drafted tokens verified.",
+                                                  registry=r)
+        self.speculative_accepted_tokens = Counter("edgellm_speculative_accepted_tokens",
+                                                   "Drafted tokens the model agreed with (kept).", registry=r)
         self.generated_tokens = Counter("edgellm_generated_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("edgellm_requests", "Requests finished, by priority and finish reason.",
                                 ["priority", "reason"], registry=r)

@@ -2,6 +2,9 @@
 
 A step is one forward pass (Backend.forward) carrying the decode rows and the prompt chunks together, so the
 weights are read once for both; with mixed steps off (engine.mixed_steps) it is a prefill call, then a decode call.
+With speculative decoding the decode batch's speculating sequences become verify rows of that pass (their last
+token and draft, logits at every position), yielded as a Verification for the speculator to accept; without
+mixed steps each is a call of its own (Backend.score).
 
 With a prefix cache it also copies the plan's cached blocks into their slots before the model calls, and after
 each prefill chunk keeps the prompt's newly completed blocks in the cache.
@@ -18,6 +21,7 @@ from daemon.backend import Backend, StepRow
 from daemon.metrics import EngineMetrics
 from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
+from daemon.speculative import Speculator, Verification
 
 if TYPE_CHECKING:
     from daemon.prefix_cache import PrefixCache
@@ -39,13 +43,16 @@ class StepStats:
 
 class ModelRunner:
     def __init__(self, backend: Backend, metrics: EngineMetrics, clock: Callable[[], float],
-                 prefix_cache: PrefixCache | None = None, mixed_steps: bool = True):
+                 prefix_cache: PrefixCache | None = None, mixed_steps: bool = True,
+                 speculator: Speculator | None = None):
         self.backend = backend
         self.mixed_steps = mixed_steps
+        self.speculator = speculator  # daemon/speculative.py; None: no speculative decoding
         self.metrics = metrics
         self.clock = clock
         self.prefix_cache = prefix_cache
         self.stats = StepStats()  # the last run's
+        self._token_s = 0.0  # the last mixed step's seconds per token
 
     def _restore(self, seq: Sequence, blocks: list[np.ndarray]) -> None:
         """Copy prefix-cache blocks into positions 0.. of seq's slot."""
@@ -64,8 +71,9 @@ class ModelRunner:
         except Exception:
             log.exception("keeping a prompt's blocks in the prefix cache failed")
 
-    def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
-        """Each sequence with the logits row of its next token, or the failure of the call it was in.
+    def run(self, plan: StepPlan) -> Iterator[tuple[Sequence, np.ndarray | Verification | StageFailure]]:
+        """Each sequence with the logits row of its next token (a speculating one: its Verification), or the
+        failure of the call it was in.
 
         A row is a view of the backend's reused buffer: the caller samples it before asking for the next.
         The prefilled sequence yields a row only when its prompt is complete; a sequence resumed after a
@@ -83,15 +91,23 @@ class ModelRunner:
                 yield seq, StageFailure("copying the cached prefix into its slot", e)
         prefills = [(s, end) for s, end in plan.prefills if s not in failed]
         seqs = [s for s in plan.decode if s not in failed] if failed else plan.decode
-        if self.mixed_steps and len(prefills) + bool(seqs) > 1:
-            logits = self._forward(prefills, seqs)
+        verifies: list[tuple[Sequence, list[int]]] = []
+        if self.speculator is not None and seqs:
+            verifies = self.speculator.plan(seqs)
+            if verifies:
+                speculating = {s for s, _ in verifies}
+                seqs = [s for s in seqs if s not in speculating]
+        if self.mixed_steps and len(prefills) + bool(seqs) + len(verifies) > 1:
+            logits = self._forward(prefills, seqs, verifies)
             if logits is not None:
-                yield from self._forward_rows(prefills, seqs, logits)
+                yield from self._forward_rows(prefills, seqs, verifies, logits)
                 return
         for seq, end in prefills:
             yield from self._prefill(seq, end)
         if seqs:
             yield from self._decode(seqs)
+        for seq, draft in verifies:
+            yield seq, self._verify(seq, draft)
 
     def _prefilled(self, seq: Sequence, end: int) -> bool:
         """Book a prefilled chunk; whether it completed a new prompt (whose logits give its first token)."""
@@ -122,6 +138,7 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, np.ndarray | StageFailure]]:
         stats = self.stats
+        started = self.clock()
         try:
             logits = self.backend.decode([s.slot for s in seqs], [s.output_ids[-1] for s in seqs],
                                          [s.cached for s in seqs])
@@ -131,37 +148,67 @@ class ModelRunner:
             for s in seqs:
                 yield s, failure
             return
+        if self.speculator is not None:
+            self.speculator.decoded(seqs, self.clock() - started)
         stats.calls["decode"] = None
         stats.decoded = len(seqs)
         for s in seqs:
             s.cached += 1
             yield s, logits[s.slot]
 
-    def _forward(self, prefills: list[tuple[Sequence, int]], seqs: list[Sequence]) -> np.ndarray | None:
+    def _verify(self, seq: Sequence, draft: list[int]) -> Verification | StageFailure:
+        """Score seq's last token and its draft at positions seq.cached.. in one call (seq.cached is then set by
+        the speculator, as far as the draft is kept)."""
+        stats = self.stats
+        start = seq.cached
+        started = self.clock()
+        try:
+            logits = self.backend.score(seq.slot, [seq.output_ids[-1], *draft], start)
+        except Exception as e:  # this sequence alone was in the call
+            stats.calls["decode"] = e
+            return StageFailure(f"verify pass of {len(draft)} drafted tokens", e)
+        stats.calls.setdefault("decode", None)  # a failed batch decode in this step still counts
+        stats.decoded += 1
+        return Verification(draft, logits, start, self.clock() - started)
+
+    def _forward(self, prefills: list[tuple[Sequence, int]], seqs: list[Sequence],
+                 verifies: list[tuple[Sequence, list[int]]]) -> np.ndarray | None:
         """Decode rows and prompt chunks in one call: a logits row each (a prefill row's last token's). None when
         the call failed: the step is then run again as separate calls, which tell whose work fails (rewriting
         the same positions with the same tokens, so a half-written call leaves nothing behind)."""
         rows = [StepRow(s.slot, (s.output_ids[-1],), s.cached) for s in seqs]
         rows += [StepRow(s.slot, [s.token_at(i) for i in range(s.cached, end)], s.cached) for s, end in prefills]
+        rows += [StepRow(s.slot, [s.output_ids[-1], *d], s.cached, logits=len(d) + 1) for s, d in verifies]
         started = self.clock()
         try:
             logits = self.backend.forward(rows)
         except Exception:
-            log.warning("a step of %d decode rows and %d prompt chunks failed; running it as separate calls",
-                        len(seqs), len(prefills), exc_info=True)
+            log.warning("a step of %d decode rows, %d prompt chunks and %d verify rows failed; running it as separate "
+                        "calls", len(seqs), len(prefills), len(verifies), exc_info=True)
             return None
         prompt_tokens = sum(end - s.cached for s, end in prefills)
-        # The pace (daemon/pace.py) wants seconds per prompt token: the step's time shared by its tokens.
-        self.stats.prefill_s += (self.clock() - started) * prompt_tokens / (prompt_tokens + len(seqs))
+        verify_tokens = sum(len(d) + 1 for _, d in verifies)
+        # The pace (daemon/pace.py) wants seconds per prompt token: the step's time shared by its tokens; the
+        # speculator's ledger gets each verify row's share the same way (more than the row adds: on the safe side).
+        self._token_s = (self.clock() - started) / (prompt_tokens + len(seqs) + verify_tokens)
+        self.stats.prefill_s += self._token_s * prompt_tokens
         self.stats.calls["step"] = None
         return logits
 
     def _forward_rows(self, prefills: list[tuple[Sequence, int]], seqs: list[Sequence],
-                      logits: np.ndarray) -> Iterator[tuple[Sequence, np.ndarray]]:
-        self.stats.decoded = len(seqs)
+                      verifies: list[tuple[Sequence, list[int]]],
+                      logits: np.ndarray) -> Iterator[tuple[Sequence, np.ndarray | Verification]]:
+        self.stats.decoded = len(seqs) + len(verifies)
+        if self.speculator is not None and seqs:
+            self.speculator.decoded(seqs, self._token_s * len(seqs), measured=False)
         for i, s in enumerate(seqs):
             s.cached += 1
             yield s, logits[i]
         for i, (s, end) in enumerate(prefills, start=len(seqs)):
             if self._prefilled(s, end):
                 yield s, logits[i]
+        at = len(seqs) + len(prefills)
+        for s, d in verifies:
+            n = len(d) + 1
+            yield s, Verification(d, logits[at:at + n], s.cached, self._token_s * n)
+            at += n

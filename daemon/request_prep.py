@@ -231,7 +231,8 @@ class RequestPreparer:
         return Sequence(ids, sampling, max_new, tuple(req.stop), req.ignore_eos, deadline, arrival=arrival,
                         priority=PRIORITIES[req.priority], conversation=conversation,
                         stream_interval=interval_ms / 1000, grammar=grammar,
-                        tool_calls=ToolCallReader() if tools and self._reads_calls(req) else None)
+                        tool_calls=ToolCallReader() if tools and self._reads_calls(req) else None,
+                        speculative=req.speculative if req.HasField("speculative") else True)
 
     # ---- the output's format --------------------------------------------------------------------------
     def _output_format(self, req: pb.GenerateRequest) -> tuple[list[Tool], GrammarSpec | None]:

@@ -14,6 +14,7 @@ from daemon.conversation import Conversation
 
 if TYPE_CHECKING:  # the scheduler imports this module and stays free of numpy
     from daemon.sampling import Sampler, SamplingParams
+    from daemon.speculative import SpecState
     from daemon.structured_output import GrammarState
     from daemon.tool_calls import ToolCallReader
     from daemon.text_stream import TextStream
@@ -88,6 +89,7 @@ class Sequence:
     grammar: GrammarState | None = None  # the output's format (handed to the sampler at submit)
     tool_calls: ToolCallReader | None = None  # a request with tools: turns the output's call markup into ToolCalls
     cache_scope: bytes | None = None  # the prefix cache's scope (daemon/prefix_cache.py); None: no prefix cache
+    speculative: bool = True  # may use speculative decoding when the daemon has it on (GenerateRequest.speculative)
     # Engine state.
     slot: int | None = None
     cached: int = 0  # tokens of prompt_ids + output_ids whose K/V are in the slot
@@ -106,6 +108,7 @@ class Sequence:
     text: TextStream | None = None
     pending_chunk: TokenEvent | None = None  # tokens waiting for the stream interval to pass
     last_chunk_at: float | None = None  # clock value of the last chunk handed to the sink
+    speculation: SpecState | None = None  # its drafts' index and ledger (daemon/speculative.py), made when first used
 
     def prefill_target(self) -> int:
         """Tokens that must be in the cache before decoding: the prompt, plus all outputs but the last

@@ -205,6 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.listen.tcp = args.tcp or None
     if args.slots is not None:
         config.engine.slots = args.slots
+    if args.draft is not None:  # speculative decoding with this draft model
+        config.speculative.enabled, config.speculative.draft_bundle = True, args.draft
     try:
         configure_logging(config.logging, args.log_level)
     except OSError as e:
@@ -440,6 +442,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--unix", help="Unix socket path ('' disables it)")
     s.add_argument("--tcp", help="TCP address host:port ('' disables it)")
     s.add_argument("--slots", type=int, help="concurrent requests holding KV cache")
+    s.add_argument("--draft", help="speculative decoding with this draft model's bundle (same tokenizer; CPU)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 

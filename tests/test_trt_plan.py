@@ -39,7 +39,7 @@ def test_int8_and_fp16_run_on_orin_bf16_needs_ampere():
 
 def test_profiles_prefill_one_row_then_a_static_profile_per_decode_batch_size():
     profiles = optimization_profiles(LAYOUT, slots=6, max_prefill_tokens=100)
-    assert len(profiles) == 1 + len(decode_buckets(6)) == 5  # prefill, decode 1, 2, 4, 6
+    assert len(profiles) == 1 + len(decode_buckets(6)) + 1 == 6  # prefill, decode 1, 2, 4, 6, verify
     prefill = profiles[PREFILL]
     assert prefill["input_ids"] == ((1, 1), (1, 100), (1, 100))
     assert prefill["write_indices"] == ((1,), (1,), (1,))
@@ -65,7 +65,7 @@ def test_profile_limits_are_checked():
 
 def test_profiles_in_manifest_are_plain_lists():
     m = profiles_to_manifest(optimization_profiles(LAYOUT, slots=2, max_prefill_tokens=64))
-    assert [p["name"] for p in m] == ["prefill", "decode_batch_1", "decode_batch_2"]
+    assert [p["name"] for p in m] == ["prefill", "decode_batch_1", "decode_batch_2", "verify"]
     assert m[2]["shapes"]["past_*"] == [[2, 2, 129, 16]] * 3
     assert m[0]["shapes"]["input_ids"] == [[1, 1], [1, 64], [1, 64]]
 

@@ -59,7 +59,8 @@ def test_engine_recorded_in_manifest(compiled):
     engine = load_bundle(compiled).manifest["engine"]
     assert engine["tensorrt_version"] == trt.__version__
     assert engine["decode_batch_sizes"] == [1, 2, 4]
-    assert [p["name"] for p in engine["profiles"]] == ["prefill", "decode_batch_1", "decode_batch_2", "decode_batch_4"]
+    assert [p["name"] for p in engine["profiles"]] == ["prefill", "decode_batch_1", "decode_batch_2", "decode_batch_4",
+                                                      "verify"]
     assert (compiled / engine["file"]).stat().st_size > 0
     assert list(compiled.parent.glob(".edgellm-timing-trt*.cache"))
 
