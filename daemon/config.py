@@ -196,7 +196,7 @@ class PrefixCacheConfig:
 class SpeculativeConfig:
     """Speculative decoding: drafted tokens checked by one model pass (docs/speculative.md)."""
 
-    enabled: bool = False  # requests speculate unless they opt out (GenerateRequest.speculative: false)
+    enabled: bool = True  # requests speculate unless they opt out (GenerateRequest.speculative: false)
     # A draft model's bundle (same tokenizer, e.g. a smaller or lower-precision build of the same model); null:
     # prompt lookup drafts (n-grams of the prompt and output so far, no extra model). `serve --draft` sets it.
     draft_bundle: str | None = None

@@ -67,6 +67,9 @@ class DaemonThread:
         """backend(bundle, config) -> a loaded backend; by default ONNX Runtime on the CPU with one thread."""
         # Tests count messages: every token streamed at once unless a test asks for more.
         config.setdefault("generation", {}).setdefault("stream_interval_ms", 0)
+        # ... and one token per step: tests that pace a request by its steps (StepGate, cancel mid-stream) would
+        # see several with speculative decoding, which tests/test_speculative.py turns on where it is tested.
+        config.setdefault("speculative", {}).setdefault("enabled", False)
         self.config = parse_config(config)
         self.bundle = load_bundle(bundle_path)
         self._make_backend = backend or (lambda bundle, cfg: create_cpu_backend(bundle, cfg.engine.slots, threads=1))

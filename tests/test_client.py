@@ -146,6 +146,7 @@ def test_session_cancel_and_refusals(daemon, gate):
         it = iter(r)
         assert next(it).token_ids
         r.cancel()
+        assert wait_until(lambda: cancel_reached_engine(daemon))  # before the gate lets the rest run
         gate.open()
         list(it)
         assert r.result.finish_reason == "cancelled"
