@@ -36,12 +36,14 @@ def make_request(prompt: Prompt, *, max_new_tokens: int | None = None, temperatu
                  deadline: float | None = None, priority: str | None = None,
                  stream_interval_ms: int | None = None, cache_salt: str = "",
                  json_schema: Mapping | str | None = None, response_format: pb.ResponseFormat | None = None,
-                 tools: Sequence[Mapping] = (), tool_choice: str | None = None) -> pb.GenerateRequest:
+                 tools: Sequence[Mapping] = (), tool_choice: str | None = None,
+                 speculative: bool | None = None) -> pb.GenerateRequest:
     """A GenerateRequest. deadline: seconds the server gives the request from its arrival (it then ends with
     finish reason "deadline", keeping what streamed); priority: "interactive", "normal" or "background";
     cache_salt: the prefix cache's scope (docs/prefix-cache.md); json_schema (a dict or JSON text) or
     response_format: the output's format; tools: {"name", "description", "parameters" (a JSON schema)} dicts,
-    tool_choice: "auto", "none", "required" or a tool's name (docs/structured-output.md)."""
+    tool_choice: "auto", "none", "required" or a tool's name (docs/structured-output.md); speculative: False opts
+    out of speculative decoding (docs/speculative.md)."""
     if isinstance(prompt, pb.GenerateRequest):
         return prompt
     req = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
@@ -49,7 +51,7 @@ def make_request(prompt: Prompt, *, max_new_tokens: int | None = None, temperatu
                              sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                                         repetition_penalty=repetition_penalty, seed=seed,
                                                         logprobs=logprobs),
-                             cache_salt=cache_salt)
+                             cache_salt=cache_salt, speculative=speculative)
     if json_schema is not None:
         response_format = pb.ResponseFormat(
             json_schema=json_schema if isinstance(json_schema, str) else json.dumps(json_schema))
