@@ -2,7 +2,7 @@
 host block and written into another slot give that slot the same logits as a full prefill.
 
 Skipped wherever TensorRT or a CUDA GPU is missing; tests/test_prefix_cache.py checks the copies' addressing
-on a fake pycuda."""
+(kv_copy_plan) with numpy."""
 
 from __future__ import annotations
 
