@@ -198,14 +198,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 # What must hold on another CPU's kernels (`pytest -m aarch64`, run by bench/aarch64.sh under emulation, where the
 # whole suite is too slow): graph parity against transformers on every architecture, the CPU precisions, the
-# tokenizer and text stream, sampling, the scheduler, the prefix cache's copied K/V, constrained decoding, a real
-# daemon end to end, and the demo model's answer to the README's question.
+# tokenizer and text stream, sampling, the scheduler, the prefix cache's copied K/V, mixed steps' packed pass,
+# speculative decoding's exactness, constrained decoding, a real daemon end to end, and the demo model's answer
+# to the README's question.
 AARCH64_MODULES = {"test_graph_parity.py", "test_cpu_precisions.py", "test_tokenizer.py", "test_text_stream.py",
                    "test_sampling.py", "test_scheduler.py", "test_decode_buckets.py"}
 AARCH64_TESTS = {"test_server.py::test_generate_streams_tokens", "test_server.py::test_same_seed_same_tokens",
                  "test_server.py::test_seeded_sampling_is_unchanged_by_batching",
                  "test_server.py::test_conversation_turns_reuse_the_cache",
-                 "test_prefix_cache.py::test_copied_blocks_give_the_logits_of_a_full_prefill",
+                 "test_prefix_cache.py::test_copied_blocks_then_rest_match_a_full_prefill",
+                 "test_mixed_steps.py::test_one_forward_pass_equals_separate_prefill_and_decode_calls",
+                 "test_mixed_steps.py::test_a_row_can_ask_for_logits_at_every_position",
+                 "test_speculative.py::test_greedy_output_is_the_same_with_speculation",
+                 "test_speculative.py::test_onnx_score_gives_the_logits_decode_would",
                  "test_structured.py::test_every_output_validates_against_its_schema",
                  "test_cli.py::test_demo_model_answers_through_the_daemon"}
 
