@@ -135,21 +135,21 @@ def unix_listener(path: str, mode: str, group: str | None) -> socket.socket:
     return sock
 
 
-def tcp_listener(address: str) -> socket.socket:
-    """Bind and listen on "host:port" ("[::1]:50051" for IPv6; port 0 picks a free one)."""
-    host, port = split_host_port(address, "listen.tcp")  # again here: `serve --tcp` skips parse_config
+def tcp_listener(address: str, key: str = "listen.tcp") -> socket.socket:
+    """Bind and listen on "host:port" ("[::1]:50051" for IPv6; port 0 picks a free one); errors name `key`."""
+    host, port = split_host_port(address, key)  # again here: `serve --tcp` skips parse_config
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as e:
-        raise OSError(f"listen.tcp: cannot listen on {address}: {e.strerror or e}") from None
+        raise OSError(f"{key}: cannot listen on {address}: {e.strerror or e}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise OSError(f"listen.tcp: cannot listen on {address}: {e.strerror or e}") from None
+        raise OSError(f"{key}: cannot listen on {address}: {e.strerror or e}") from None
     return sock
 
 

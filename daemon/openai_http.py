@@ -34,7 +34,8 @@ import grpc
 
 from bundle_format.bundle import Bundle
 from daemon.access import Peer, server_tls_context
-from daemon.config import Config, check_tcp_exposure, split_host_port
+from daemon.config import Config, check_tcp_exposure
+from daemon.front import tcp_listener
 from daemon.metrics import EngineMetrics
 from daemon.request import Request
 from daemon.request_prep import RequestRejected
@@ -111,21 +112,9 @@ def check_exposure(sock: socket.socket, config: Config) -> None:
 
 
 def http_listener(address: str) -> socket.socket:
-    """Bind and listen on openai.listen's "host:port" (port 0 picks a free one)."""
-    host, port = split_host_port(address, "openai.listen")
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise OSError(f"openai.listen: cannot listen on {address}: {e.strerror or e}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise OSError(f"openai.listen: cannot listen on {address}: {e.strerror or e}") from None
+    """Bind and listen on openai.listen's "host:port" (port 0 picks a free one), non-blocking for aiohttp."""
+    sock = tcp_listener(address, "openai.listen")
+    sock.setblocking(False)
     return sock
 
 

@@ -54,7 +54,7 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-# Within a JSON string (the only place json.dumps puts them) these may be written as \uXXXX escapes.
+# Within a JSON string (the only place json.dumps puts them) these may be written as \u escapes (four hex digits).
 _JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 

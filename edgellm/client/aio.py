@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.client.channel import Connection, aio_channel, connection
 from edgellm.client.errors import EdgeLLMError, status_code
-from edgellm.client.messages import Chunk, Completion, Prompt, Result, make_request
-from edgellm.client.retry import RetryPolicy
+from edgellm.client.messages import Chunk, Completion, Prompt, Result, make_request, session_reply
+from edgellm.client.retry import RetryPolicy, session_start_delay
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
@@ -243,19 +243,17 @@ class AsyncSessionRequest:
             msg = await self._inbox.get()
             if isinstance(msg, EdgeLLMError):
                 raise msg
-            kind = msg.WhichOneof("kind")
-            if kind == "tokens":
-                yield Chunk.of(msg.tokens)
-            elif kind == "finished":
-                self.result = Result.of(msg.finished, self.attempts)
+            reply = session_reply(msg, self.attempts)
+            if isinstance(reply, Chunk):
+                yield reply
+            elif isinstance(reply, Result):
+                self.result = reply
                 return
             else:
-                e = msg.error
-                error = EdgeLLMError(status_code(e.code), e.message,
-                                     e.retry_after.ToNanoseconds() / 1e9 if e.HasField("retry_after") else None)
-                if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not policy.should_retry(error, self.attempts):
-                    raise error
-                await asyncio.sleep(policy.delay(error, self.attempts))
+                delay = session_start_delay(policy, reply, self.attempts)
+                if delay is None:
+                    raise reply
+                await asyncio.sleep(delay)
                 self.start()
 
     async def complete(self) -> Completion:

@@ -8,6 +8,7 @@ from typing import Mapping, Sequence, Union
 
 from google.protobuf.duration_pb2 import Duration
 
+from edgellm.client.errors import EdgeLLMError, status_code
 from edgellm.v1 import edgellm_pb2 as pb
 
 # A prompt: text, token ids, chat messages as (role, content) pairs or {"role", "content"} dicts, or a
@@ -139,3 +140,17 @@ class Completion:
     def of(cls, chunks: Sequence[Chunk], result: Result) -> "Completion":
         return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], result,
                    [call for c in chunks for call in c.tool_calls])
+
+
+def session_reply(msg: pb.SessionResponse, attempts: int) -> "Chunk | Result | EdgeLLMError":
+    """What one Session message for a request says: its next tokens, how it ended, or the error that ended its
+    start (nothing streamed before an error: the protocol's rule)."""
+    kind = msg.WhichOneof("kind")
+    if kind == "tokens":
+        return Chunk.of(msg.tokens)
+    if kind == "finished":
+        return Result.of(msg.finished, attempts)
+    e = msg.error
+    return EdgeLLMError(status_code(e.code), e.message,
+                        e.retry_after.ToNanoseconds() / 1e9 if e.HasField("retry_after") else None)
+

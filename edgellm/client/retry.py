@@ -43,3 +43,12 @@ class RetryPolicy:
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)
+
+
+def session_start_delay(policy: RetryPolicy, error: EdgeLLMError, attempt: int) -> float | None:
+    """Seconds before a Session start that ended with `error` is sent again, or None when it is not: a stream is
+    pinned to its daemon, so only a full queue is worth another try on it (UNAVAILABLE there means draining)."""
+    if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not policy.should_retry(error, attempt):
+        return None
+    return policy.delay(error, attempt)
+

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.client.channel import Connection, connection, sync_channel
 from edgellm.client.errors import EdgeLLMError, status_code
-from edgellm.client.messages import Chunk, Completion, Prompt, Result, make_request
-from edgellm.client.retry import RetryPolicy
+from edgellm.client.messages import Chunk, Completion, Prompt, Result, make_request, session_reply
+from edgellm.client.retry import RetryPolicy, session_start_delay
 from edgellm.v1 import edgellm_pb2 as pb
 from edgellm.v1 import edgellm_pb2_grpc as pb_grpc
 
@@ -261,21 +261,17 @@ class SessionRequest:
             msg = self._inbox.get()
             if isinstance(msg, EdgeLLMError):
                 raise msg
-            kind = msg.WhichOneof("kind")
-            if kind == "tokens":
-                yield Chunk.of(msg.tokens)
-            elif kind == "finished":
-                self.result = Result.of(msg.finished, self.attempts)
+            reply = session_reply(msg, self.attempts)
+            if isinstance(reply, Chunk):
+                yield reply
+            elif isinstance(reply, Result):
+                self.result = reply
                 return
-            else:  # error: nothing streamed (the protocol's rule), so a retry on this stream may follow
-                e = msg.error
-                error = EdgeLLMError(status_code(e.code), e.message,
-                                     e.retry_after.ToNanoseconds() / 1e9 if e.HasField("retry_after") else None)
-                # UNAVAILABLE here means this daemon is draining: a stream is pinned to its daemon, so only a
-                # full queue is worth another try on it.
-                if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not policy.should_retry(error, self.attempts):
-                    raise error
-                time.sleep(policy.delay(error, self.attempts))
+            else:
+                delay = session_start_delay(policy, reply, self.attempts)
+                if delay is None:
+                    raise reply
+                time.sleep(delay)
                 self.start()
 
     def complete(self) -> Completion:
