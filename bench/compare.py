@@ -2,7 +2,8 @@
 
     bash bench/setup_comparisons.sh                      # once: .venv-bench with llama.cpp and ORT GenAI
     .venv/bin/python bench/compare.py                    # the demo model (SmolLM2-135M), int8 and int4
-    .venv-bench/bin/python bench/make_llama360m.py       # once: the ~360M random-weight Llama
+    .venv-bench/bin/python bench/make_random_llama.py       # once: the ~360M random-weight Llama
+    .venv-bench/bin/python bench/make_random_llama.py --size 1.1b   # once: TinyLlama-1.1B's shape
     .venv/bin/python bench/compare.py --model .cache/bench/llama-360m --no-accuracy-gate
 
 Per precision, in --rounds rounds, each runtime right after the other within a round (every other
@@ -11,7 +12,9 @@ ids from the same seed): decode tokens/s over --new-tokens after a --decode-prom
 prefill tokens/s of a --prefill-tokens prompt, for
   edgellm daemon   `edgellm serve` on the bundle, driven over its Unix socket (what a client sees): with the
                    server's default stream interval ("auto": 25 ms chunks where the model fills every core),
-                   with every token streamed at once ("daemon per token"), and with --stream-interval-ms,
+                   with every token streamed at once ("daemon per token"), the same without speculative
+                   decoding ("daemon, no speculation": the like-for-like row, as the other runtimes do not
+                   speculate and what speculation gains depends on the text), and with --stream-interval-ms,
                    with requests asking for that interval
   edgellm direct   ONNX Runtime driven directly on the same bundle (bench/daemon_overhead.py's loop, on one
                    session kept for the whole run, as the daemon keeps its own)
@@ -243,9 +246,9 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
             if runtime == "bandwidth":
                 return {"bytes_per_s": measure_read_bandwidth(1 << 28)}
             if runtime in daemons:
-                interval = daemons[runtime]
-                return {"decode_tokens_per_s": through_daemon(address, decode_prompt, args.new_tokens, interval)[1],
-                        "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2, interval)[0]}
+                options = daemons[runtime]
+                return {"decode_tokens_per_s": through_daemon(address, decode_prompt, args.new_tokens, **options)[1],
+                        "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2, **options)[0]}
             if runtime == "direct":
                 return {"decode_tokens_per_s": loop.run(decode_prompt, args.new_tokens)[1],
                         "prefill_tokens_per_s": args.prefill_tokens / loop.run(prefill_prompt, 2)[0]}

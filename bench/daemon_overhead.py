@@ -100,11 +100,14 @@ class DirectLoop:
             os.sched_setaffinity(0, before)
 
 
-def daemon_rows(stream_interval_ms: int) -> dict[str, int | None]:
-    """The daemon's rows of a comparison: name -> the stream_interval_ms its requests ask for: unset (the
-    server's default), 0 (every token at once), and this far apart when asked."""
-    return {"daemon": None, "daemon per token": 0,
-            **({f"daemon {stream_interval_ms}ms": stream_interval_ms} if stream_interval_ms else {})}
+def daemon_rows(stream_interval_ms: int) -> dict[str, dict]:
+    """The daemon's rows of a comparison: name -> what its requests ask for: the server's defaults, every token at
+    once, no speculative decoding (the other runtimes have none: it is the like-for-like row, since how much
+    speculation gains depends on the text), and tokens this far apart when asked."""
+    return {"daemon": {}, "daemon per token": {"stream_interval_ms": 0},
+            "daemon, no speculation": {"stream_interval_ms": 0, "speculative": False},
+            **({f"daemon {stream_interval_ms}ms": {"stream_interval_ms": stream_interval_ms}}
+               if stream_interval_ms else {})}
 
 
 def default_interval_line(address: str) -> str:
@@ -114,15 +117,14 @@ def default_interval_line(address: str) -> str:
     return f"daemon = the server's default: {f'tokens in chunks every {ms} ms' if ms else 'every token at once'}"
 
 
-def through_daemon(address: str, prompt: list[int], new_tokens: int,
-                   stream_interval_ms: int | None = None) -> tuple[float, float]:
+def through_daemon(address: str, prompt: list[int], new_tokens: int, **options) -> tuple[float, float]:
     """(time to first token s, decode tokens/s) as a client sees them: a new connection each time, its setup
-    included in the time to first token (as docs/benchmarks.md's figures were taken)."""
+    included in the time to first token (as docs/benchmarks.md's figures were taken). options: the request's
+    (daemon_rows)."""
     with Client(address, retry=NO_RETRIES) as client:
         t0 = time.perf_counter()
         arrivals = []
-        for chunk in client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True,
-                                     stream_interval_ms=stream_interval_ms, timeout=600):
+        for chunk in client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, timeout=600, **options):
             if chunk.token_ids:
                 arrivals += [time.perf_counter()] * len(chunk.token_ids)
     assert len(arrivals) == new_tokens, len(arrivals)
@@ -152,7 +154,7 @@ def main() -> None:
         # Each side idles while the other runs.
         results = alternating_rounds([*daemons, "direct"], args.repeats, lambda row: (
             loop.run(prompt, args.new_tokens) if row == "direct" else
-            through_daemon(address, prompt, args.new_tokens, daemons[row])))
+            through_daemon(address, prompt, args.new_tokens, **daemons[row])))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; bundle {path.name} "
           f"({bundle.model['hf_architecture']}, {bundle.manifest['precision']}); prompt {args.prompt_tokens}, "

@@ -4,6 +4,9 @@ others decode, with engine.mixed_steps on and off and several prefill_chunk_toke
     python bench/mixed_steps.py BUNDLE [BUNDLE ...] [--rounds 2] [--variants off:32,on:16,on:32,on:64]
         [--baseline TREE:BUNDLE:BUNDLE...]
 
+A variant is STEPS:CHUNK[:nospec]: mixed steps on or off, engine.prefill_chunk_tokens, and ":nospec" for
+speculative decoding off (it is on by default and speeds up a lone stream, which moves the 8-vs-1 ratio).
+
 Each round starts a fresh daemon per (bundle, variant) and runs `edgellm bench`'s levels (edgellm/bench.py)
 against it; the table gives each figure's median over the rounds with its min..max. --baseline adds, per bundle
 in the same order, a daemon of another source tree (e.g. the code before mixed steps, with that tree's build of
@@ -29,13 +32,15 @@ from edgellm.client import NO_RETRIES, Client  # noqa: E402
 
 
 def serve(bundle: str, mixed: bool | None, chunk: int, folder: Path, slots: int,
-          tree: str | None = None) -> tuple[subprocess.Popen, str]:
+          tree: str | None = None, speculative: bool = True) -> tuple[subprocess.Popen, str]:
     """A daemon of this tree (or of `tree`, whose config knows no mixed_steps: mixed is None) on a socket."""
     sock = folder / "d.sock"
     cfg = folder / "config.yaml"
     text = f"engine:\n  slots: {slots}\n  prefill_chunk_tokens: {chunk}\n"
     if mixed is not None:
         text += f"  mixed_steps: {str(mixed).lower()}\n"
+    if not speculative:
+        text += "speculative:\n  enabled: false\n"
     cfg.write_text(text)
     env = dict(os.environ, PYTHONPATH=tree or str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", "--bundle", bundle, "--config", str(cfg),
@@ -102,22 +107,23 @@ def main() -> None:
         for bundle in args.bundles:
             step_times(bundle, [16, 32, 64], max(args.rounds, 5))
         return
-    variants: list[tuple[bool | None, int]] = [({"on": True, "off": False}[v.split(":")[0]], int(v.split(":")[1]))
-                                               for v in args.variants.split(",")]
+    variants: list[tuple[bool | None, int, bool]] = [
+        ({"on": True, "off": False}[v.split(":")[0]], int(v.split(":")[1]), not v.endswith(":nospec"))
+        for v in args.variants.split(",")]
     tree, base_bundles = None, {}
     if args.baseline:
         tree, *others = args.baseline.split(":")
         base_bundles = dict(zip(args.bundles, others))
-        variants.insert(0, (None, 32))
+        variants.insert(0, (None, 32, True))
     results: dict[tuple, list] = {}
     for rnd in range(args.rounds):
         for bundle in args.bundles:
-            for mixed, chunk in variants:
+            for mixed, chunk, spec in variants:
                 with tempfile.TemporaryDirectory() as tmp:
                     if mixed is None:
                         proc, address = serve(base_bundles[bundle], None, chunk, Path(tmp), 8, tree)
                     else:
-                        proc, address = serve(bundle, mixed, chunk, Path(tmp), 8)
+                        proc, address = serve(bundle, mixed, chunk, Path(tmp), 8, speculative=spec)
                     try:
                         with Client(address, retry=NO_RETRIES) as c:
                             vocab = c.model(timeout=10).vocab_size
@@ -125,8 +131,9 @@ def main() -> None:
                         for streams in (1, 8):
                             r = asyncio.run(run_level(address, streams, args.prompt_tokens, args.new_tokens,
                                                       args.requests, vocab, 0))
-                            results.setdefault((bundle, mixed, chunk, streams), []).append(r)
-                            print(f"round {rnd} {Path(bundle).name} {STEPS[mixed]} chunk={chunk} streams={streams}: "
+                            results.setdefault((bundle, mixed, chunk, spec, streams), []).append(r)
+                            print(f"round {rnd} {Path(bundle).name} {STEPS[mixed]} chunk={chunk} "
+                                  f"{'' if spec else 'no speculation '}streams={streams}: "
                                   f"{r.total_tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50_ms:.0f} ms, "
                                   f"ITL p50 {r.itl_p50_ms:.1f} p99 {r.itl_p99_ms:.1f} ms", flush=True)
                     finally:
@@ -136,17 +143,20 @@ def main() -> None:
     def fig(values: list[float], digits: int = 1) -> str:
         return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
 
-    print("\n| bundle | steps | chunk | 1-stream tok/s | 8-stream tok/s | 8 vs 1 | TTFT p50 (8) | ITL p50 (8) "
-          "| ITL p99 (8) | p99/p50 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    # "decode" is the streams' pace once they decode: streams x 1000 / mean ITL (prompts' time left out), where
+    # "tok/s" is every generated token over the wall time, prefills and the last stragglers included.
+    print("\n| bundle | steps | chunk | 1-stream tok/s | 8-stream tok/s | 8 vs 1 | decode 8 vs 1 | TTFT p50 (8) "
+          "| ITL p50 (8) | ITL p99 (8) | p99/p50 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for bundle in args.bundles:
-        for mixed, chunk in variants:
-            one, eight = results[(bundle, mixed, chunk, 1)], results[(bundle, mixed, chunk, 8)]
+        for mixed, chunk, spec in variants:
+            one, eight = results[(bundle, mixed, chunk, spec, 1)], results[(bundle, mixed, chunk, spec, 8)]
             ratio = [e.total_tokens_per_s / o.total_tokens_per_s for o, e in zip(one, eight)]
+            pace = [8 * o.itl_mean_ms / e.itl_mean_ms for o, e in zip(one, eight)]
             tail = [e.itl_p99_ms / e.itl_p50_ms for e in eight]
-            print(f"| {Path(bundle).name} | {STEPS[mixed]} | {chunk} "
+            print(f"| {Path(bundle).name} | {STEPS[mixed]}{'' if spec else ', no speculation'} | {chunk} "
                   f"| {fig([o.total_tokens_per_s for o in one])} | {fig([e.total_tokens_per_s for e in eight])} "
-                  f"| {fig(ratio, 2)}× | {fig([e.ttft_p50_ms for e in eight], 0)} ms "
+                  f"| {fig(ratio, 2)}× | {fig(pace, 2)}× | {fig([e.ttft_p50_ms for e in eight], 0)} ms "
                   f"| {fig([e.itl_p50_ms for e in eight])} ms | {fig([e.itl_p99_ms for e in eight])} ms "
                   f"| {fig(tail, 2)} |")
 

@@ -11,8 +11,8 @@ the other: a fresh random --prompt-tokens prompt (token ids, the same list for b
 reused), --new-tokens new tokens, greedy, end-of-sequence ignored, every token streamed as it is made. Each server
 is driven over its own protocol from this one Python client: edgellm over gRPC on its Unix socket (edgellm.client,
 through edgellm/bench.py's per-request timing), llama-server over HTTP (its /completion endpoint, server-sent
-events, aiohttp). Per level and round: total generated tokens/s (all streams, first request sent to last token),
-time to first token and inter-token latency p50/p99 (a chunk of n tokens gives each 1/n of the gap before it).
+events, a thread per stream). Per level and round: total generated tokens/s (all streams, first request sent to
+last token), time to first token and inter-token latency p50/p99 (a chunk of n tokens gives each 1/n of the gap before it).
 Rounds alternate the order of the two servers; every figure is the median over rounds with its spread, and the
 throughput ratio is the median of each round's ratio.
 """
@@ -26,11 +26,11 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -79,6 +79,10 @@ def llama_server(gguf: Path, slots: int, context: int, threads: int) -> Iterator
             if time.monotonic() > deadline:
                 raise SystemExit("llama-server did not answer /health within 300 s")
             time.sleep(0.2)
+        # Warm-up, as `serving` warms the daemon: its weights are mmap-ed and paged in by the first request.
+        body = json.dumps({"prompt": [101] * 8, "n_predict": 4}).encode()
+        urllib.request.urlopen(urllib.request.Request(url + "/completion", body,
+                                                      {"Content-Type": "application/json"}), timeout=300).read()
         yield url
     finally:
         proc.terminate()
@@ -109,13 +113,15 @@ class Pace:
         return self.first - self.t0, self.gaps, self.tokens
 
 
-async def llama_request(session, url: str, prompt: list[int], new_tokens: int) -> Timing:
-    body = {"prompt": prompt, "n_predict": new_tokens, "stream": True, "ignore_eos": True, "temperature": 0.0,
-            "top_k": 1, "return_tokens": True}
+def llama_request(url: str, prompt: list[int], new_tokens: int) -> Timing:
+    """One streamed /completion request, read on this thread (urllib: with aiohttp's client this llama-server build
+    ended its main loop when a second stream's request arrived, in every run here; urllib's requests never did)."""
+    body = json.dumps({"prompt": prompt, "n_predict": new_tokens, "stream": True, "ignore_eos": True,
+                       "temperature": 0.0, "top_k": 1, "return_tokens": True}).encode()
     pace = Pace()
-    async with session.post(url + "/completion", json=body) as r:
-        r.raise_for_status()
-        async for line in r.content:
+    request = urllib.request.Request(url + "/completion", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        for line in r:
             if not line.startswith(b"data: "):
                 continue
             event = json.loads(line[6:])
@@ -125,37 +131,36 @@ async def llama_request(session, url: str, prompt: list[int], new_tokens: int) -
                 predicted = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n") or 0)
                 listed = len(event.get("tokens") or [])
                 pace.chunk(listed + max(0, predicted - pace.tokens - listed))
-                break
+                continue  # read the response to its end
             pace.chunk(len(event.get("tokens") or []))
     return pace.result()
 
 
+async def timed_streams(prompts: list[list[list[int]]], one) -> tuple[list[Timing], float]:
+    """prompts[stream][request]: every stream sends its requests one after the other (await one(prompt)), all
+    streams at once; (each request's timing, wall seconds)."""
+    async def stream(requests: list[list[int]]) -> list[Timing]:
+        return [await one(p) for p in requests]
+
+    t0 = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(stream(s) for s in prompts)) for r in rs]
+    return results, time.perf_counter() - t0
+
+
 async def run_level(runtime: str, address: str, prompts: list[list[list[int]]], new_tokens: int,
                     stream_interval_ms: int) -> dict[str, float]:
-    """prompts[stream][request]: every stream sends its requests one after the other, all streams at once."""
     if runtime == "edgellm":
         from edgellm.bench import _one_request  # the client library's timing loop, as `edgellm bench` runs it
         from edgellm.client import NO_RETRIES, AsyncClient
 
-        client_cm = AsyncClient(address, retry=NO_RETRIES)
-
-        async def one(client, prompt: list[int]) -> Timing:
-            return await _one_request(client, prompt, new_tokens, stream_interval_ms)
+        async with AsyncClient(address, retry=NO_RETRIES) as client:
+            results, wall = await timed_streams(
+                prompts, lambda p: _one_request(client, p, new_tokens, stream_interval_ms))
     else:
-        import aiohttp
-
-        client_cm = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
-
-        async def one(client, prompt: list[int]) -> Timing:
-            return await llama_request(client, address, prompt, new_tokens)
-
-    async with client_cm as client:
-        async def stream(requests: list[list[int]]) -> list[Timing]:
-            return [await one(client, p) for p in requests]
-
-        t0 = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*(stream(s) for s in prompts)) for r in rs]
-        wall = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(prompts)) as pool:  # a thread per stream
+            results, wall = await timed_streams(
+                prompts, lambda p: loop.run_in_executor(pool, llama_request, address, p, new_tokens))
     tokens = sum(r[2] for r in results)
     if tokens != sum(len(s) for s in prompts) * new_tokens:
         raise SystemExit(f"{runtime} streamed {tokens} tokens, expected {new_tokens} per request")

@@ -38,6 +38,7 @@ class LevelResult:
     achieved_gb_s: float = 0.0  # bytes the decode steps read per second (weights + KV cache in use)
     roofline_fraction: float = 0.0  # achieved / measured read bandwidth
     roofline_tokens_per_s: float = 0.0  # total tokens/s the measured read bandwidth would allow at this level
+    itl_mean_ms: float = 0.0  # each stream's pace once it decodes: 1000 / this is its tokens/s
 
 
 @dataclass
@@ -116,7 +117,8 @@ async def run_level(address: str | None, concurrency: int, prompt_tokens: int, n
     tokens = sum(r[2] for r in results)
     pct = lambda a, q: float(np.percentile(a, q)) if len(a) else 0.0  # noqa: E731
     return LevelResult(concurrency, len(results), tokens / wall, tokens / wall / concurrency,
-                       pct(ttft, 50), pct(ttft, 99), pct(gaps, 50), pct(gaps, 99))
+                       pct(ttft, 50), pct(ttft, 99), pct(gaps, 50), pct(gaps, 99),
+                       itl_mean_ms=float(gaps.mean()) if len(gaps) else 0.0)
 
 
 def run_bench(address: str | None, concurrency: list[int], prompt_tokens: int, new_tokens: int, rounds: int,
