@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per stream")
+    ap.add_argument("--stream-interval-ms", type=int, default=0,
+                    help="what the requests ask for (0: every token at once; -1: the server's default)")
     ap.add_argument("--baseline", help="TREE:BUNDLE[:BUNDLE...]: another tree's daemon, its bundles in order")
     ap.add_argument("--step-times", action="store_true", help="time the backend's steps alone (no daemon)")
     args = ap.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
                         asyncio.run(run_level(address, 1, 8, 2, 1, vocab))  # warm-up
                         for streams in (1, 8):
                             r = asyncio.run(run_level(address, streams, args.prompt_tokens, args.new_tokens,
-                                                      args.requests, vocab, 0))
+                                                      args.requests, vocab,
+                                                      None if args.stream_interval_ms < 0 else args.stream_interval_ms))
                             results.setdefault((bundle, mixed, chunk, spec, streams), []).append(r)
                             print(f"round {rnd} {Path(bundle).name} {STEPS[mixed]} chunk={chunk} "
                                   f"{'' if spec else 'no speculation '}streams={streams}: "
