@@ -51,14 +51,15 @@ def random_prompt(bundle, n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def serving(path: Path, slots: int = 1, threads: int = 0) -> Iterator[str]:
+def serving(path: Path, slots: int = 1, threads: int = 0, prefill_chunk_tokens: int | None = None) -> Iterator[str]:
     """`edgellm serve` on a temporary Unix socket (ONNX Runtime on `threads` threads, 0: one per allowed
-    CPU); yields its address once ready and warmed up."""
+    CPU; engine.prefill_chunk_tokens if given); yields its address once ready and warmed up."""
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "bench.sock")
         config = os.path.join(tmp, "config.yaml")
         # The prefix cache off: every round sends the same prompt, which would otherwise come from the cache.
-        Path(config).write_text(f"engine:\n  threads: {threads}\nprefix_cache:\n  enabled: false\n")
+        chunk = f"  prefill_chunk_tokens: {prefill_chunk_tokens}\n" if prefill_chunk_tokens else ""
+        Path(config).write_text(f"engine:\n  threads: {threads}\n{chunk}prefix_cache:\n  enabled: false\n")
         cmd = [sys.executable, "-m", "edgellm", "serve", "--bundle", str(path), "--config", config, "--unix", sock,
                "--slots", str(slots), "--log-level", "warning"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

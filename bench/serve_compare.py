@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--prefill-chunk-tokens", type=int, help="edgellm's engine.prefill_chunk_tokens (default: its own)")
     ap.add_argument("--stream-interval-ms", type=int, default=0,
                     help="what edgellm's requests ask for (0: every token at once, as llama-server streams)")
     ap.add_argument("--no-accuracy-gate", action="store_true", help="random-weight models (see compare.py)")
@@ -210,7 +211,8 @@ def main() -> None:
     vocab = int(bundle.model["vocab_size"])
     rng = np.random.default_rng(0)
     results: dict[str, dict[int, list[dict[str, float]]]] = {rt: {c: [] for c in levels} for rt in RUNTIMES}
-    with serving(bundle_path, slots=args.slots, threads=args.threads) as daemon, \
+    with serving(bundle_path, slots=args.slots, threads=args.threads,
+                 prefill_chunk_tokens=args.prefill_chunk_tokens) as daemon, \
             llama_server(gguf, args.slots, bundle.context_length, args.threads) as server:
         addresses = {"edgellm": daemon, "llama-server": server}
         for r in range(args.rounds):
