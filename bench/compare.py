@@ -247,8 +247,9 @@ def measure(model: Path, name: str, precision: str, others: list[str], args) -> 
                 return {"bytes_per_s": measure_read_bandwidth(1 << 28)}
             if runtime in daemons:
                 options = daemons[runtime]
-                return {"decode_tokens_per_s": through_daemon(address, decode_prompt, args.new_tokens, **options)[1],
-                        "prefill_tokens_per_s": args.prefill_tokens / through_daemon(address, prefill_prompt, 2, **options)[0]}
+                decode = through_daemon(address, decode_prompt, args.new_tokens, **options)[1]
+                ttft = through_daemon(address, prefill_prompt, 2, **options)[0]
+                return {"decode_tokens_per_s": decode, "prefill_tokens_per_s": args.prefill_tokens / ttft}
             if runtime == "direct":
                 return {"decode_tokens_per_s": loop.run(decode_prompt, args.new_tokens)[1],
                         "prefill_tokens_per_s": args.prefill_tokens / loop.run(prefill_prompt, 2)[0]}
@@ -325,7 +326,7 @@ def main() -> None:
         for runtime, r in rows.items():
             if runtime == "_machine":
                 continue
-            print(f"  {runtime:18s} decode {spread(r['decode_tokens_per_s'], '{:.1f}')} tok/s   prefill "
+            print(f"  {runtime:22s} decode {spread(r['decode_tokens_per_s'], '{:.1f}')} tok/s   prefill "
                   f"{spread(r['prefill_tokens_per_s'], '{:.0f}')} tok/s   "
                   f"{r['weight_bytes_per_token'] / 1e6:.1f} MB/token"
                   f"   roofline {spread([100 * x for x in r['roofline_share']], '{:.0f}')}%")

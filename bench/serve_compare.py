@@ -12,8 +12,8 @@ reused), --new-tokens new tokens, greedy, end-of-sequence ignored, every token s
 is driven over its own protocol from this one Python client: edgellm over gRPC on its Unix socket (edgellm.client,
 through edgellm/bench.py's per-request timing), llama-server over HTTP (its /completion endpoint, server-sent
 events, a thread per stream). Per level and round: total generated tokens/s (all streams, first request sent to
-last token), time to first token and inter-token latency p50/p99 (a chunk of n tokens gives each 1/n of the gap before it).
-Rounds alternate the order of the two servers; every figure is the median over rounds with its spread, and the
+last token), time to first token and inter-token latency p50/p99 (a chunk of n tokens gives each 1/n of the gap
+before it). Rounds alternate the order of the two servers; every figure is the median over rounds with its spread, and the
 throughput ratio is the median of each round's ratio.
 """
 
