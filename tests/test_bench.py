@@ -58,6 +58,8 @@ def test_bench_paces_the_tokens_of_batched_chunks(daemon):
     # The first token alone, then (on this fast tiny model) the other 7 in one chunk: each of them gets
     # a seventh of the wait for that chunk, not 0 ms, so all 7 gaps are that same, positive, value.
     assert level.itl_p50_ms == level.itl_p99_ms > 0
+    # Their mean is the stream's pace once it decodes (what bench/mixed_steps.py compares): the same value here.
+    assert level.itl_mean_ms == pytest.approx(level.itl_p50_ms)
 
 
 def test_bench_reports_the_interval_the_requests_asked_for(daemon):
