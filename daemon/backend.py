@@ -71,3 +71,30 @@ def write_decode_inputs(input_ids: np.ndarray, row_positions: np.ndarray, slots:
     for slot, token, position in zip(slots, token_ids, positions):
         input_ids[slot, 0] = token
         row_positions[slot] = position
+
+
+def forward_as_calls(backend: Backend, rows: Sequence[StepRow], vocab_size: int) -> np.ndarray:
+    """Backend.forward for a backend whose graph takes one kind of work per call (TensorRT's fixed-shape
+    buckets): a prefill per prompt chunk, a score per verify row, then one decode of the single-token rows;
+    logits [sum of rows' `logits`, vocab] in a new array."""
+    out = np.empty((sum(r.logits for r in rows), vocab_size), np.float32)
+    at, decoding = 0, []
+    for r in rows:
+        if len(r.token_ids) == 1 and r.logits == 1:
+            decoding.append((at, r))
+        elif r.logits == 1:
+            out[at] = backend.prefill(r.slot, r.token_ids, r.start)
+        elif r.logits == len(r.token_ids) and r.logits <= backend.max_score_tokens:  # a verify row
+            out[at:at + r.logits] = backend.score(r.slot, r.token_ids, r.start)
+        elif r.logits:
+            raise ValueError(f"{backend.name}: a row gets the logits of its last token, or of every token of a verify "
+                             f"row of at most {backend.max_score_tokens}")
+        else:
+            backend.prefill(r.slot, r.token_ids, r.start)
+        at += r.logits
+    if decoding:
+        logits = backend.decode([r.slot for _, r in decoding], [r.token_ids[0] for _, r in decoding],
+                                [r.start for _, r in decoding])
+        for i, r in decoding:
+            out[i] = logits[r.slot]
+    return out

@@ -43,7 +43,7 @@ from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compati
                                     check_set_tensor_address, decode_profile, fill_decode_inputs, fill_verify_inputs,
                                     kv_cache_pairs, memory_budget, packed_input_elements, packed_inputs, packed_views,
                                     verify_profile)
-from daemon.backend import StepRow, write_decode_inputs
+from daemon.backend import StepRow, forward_as_calls, write_decode_inputs
 from daemon.cuda_graph import CudaGraph, capture_or_fallback
 from daemon.prefix_cache import block_dtype, block_shape
 
@@ -342,30 +342,8 @@ class TrtBackend:
         return self._run_pushed(self._decode_step(slots, token_ids, positions), graph=True)
 
     def forward(self, rows: Sequence[StepRow]) -> np.ndarray:
-        """Backend.forward as this backend's fixed-shape calls (one CUDA-graph bucket per decode batch size): a
-        prefill per prompt chunk, a verify pass per verify row, then one decode of the single-token rows; logits
-        copied into a new array."""
-        out = np.empty((sum(r.logits for r in rows), self.vocab_size), np.float32)
-        at, decoding = 0, []
-        for r in rows:
-            if len(r.token_ids) == 1 and r.logits == 1:
-                decoding.append((at, r))
-            elif r.logits == 1:
-                out[at] = self.prefill(r.slot, r.token_ids, r.start)
-            elif r.logits == len(r.token_ids) and r.logits <= self.max_score_tokens:  # a verify row
-                out[at:at + r.logits] = self.score(r.slot, r.token_ids, r.start)
-            elif r.logits:
-                raise ValueError("the TensorRT backend gives logits of a chunk's last token, or of every token of a "
-                                 f"verify row of at most {self.max_score_tokens}")
-            else:
-                self.prefill(r.slot, r.token_ids, r.start)
-            at += r.logits
-        if decoding:
-            logits = self.decode([r.slot for _, r in decoding], [r.token_ids[0] for _, r in decoding],
-                                 [r.start for _, r in decoding])
-            for i, r in decoding:
-                out[i] = logits[r.slot]
-        return out
+        """Backend.forward as this backend's fixed-shape calls (one CUDA-graph bucket per decode batch size)."""
+        return forward_as_calls(self, rows, self.vocab_size)
 
     def decode_plain(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """decode() without the CUDA graph (for validation and timing)."""

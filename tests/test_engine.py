@@ -26,7 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import DaemonThread, StepGate, generate, wait_until
-from daemon.backend import write_decode_inputs
+from daemon.backend import forward_as_calls, write_decode_inputs
 from daemon.engine import Engine
 from daemon.sampling import SamplingParams
 from bundle_format.decode_buckets import decode_bucket
@@ -43,6 +43,7 @@ class FakeBackend:
     name = "fake"
     threads = 0
     cuda_graphs = ""
+    max_score_tokens = 0  # no score(): no speculative decoding
 
     def __init__(self, slots: int, max_seq: int = MAX_SEQ):
         self.slots = slots
@@ -69,20 +70,10 @@ class FakeBackend:
         return self._logits[row]
 
     def forward(self, rows):
-        """A mixed step: every row in one call (here through prefill and decode, so a test that breaks either
-        breaks the step); logits row after row."""
+        """A mixed step: every row in one call (here through prefill and decode, as the TensorRT backend runs it,
+        so a test that breaks either breaks the step); logits row after row."""
         self.forward_shapes.append([len(r.token_ids) for r in rows])
-        out = np.zeros((len(rows), VOCAB), np.float32)
-        decoding = [(i, r) for i, r in enumerate(rows) if len(r.token_ids) == 1 and r.start > 0]
-        for i, r in enumerate(rows):
-            if (i, r) not in decoding:
-                out[i] = self.prefill(r.slot, r.token_ids, r.start)
-        if decoding:
-            logits = self.decode([r.slot for _, r in decoding], [r.token_ids[0] for _, r in decoding],
-                                 [r.start for _, r in decoding])
-            for i, r in decoding:
-                out[i] = logits[r.slot]
-        return out
+        return forward_as_calls(self, rows, VOCAB)
 
     def decode(self, slots, token_ids, positions):
         rows = decode_bucket(max(slots), self.slots)
