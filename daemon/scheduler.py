@@ -51,15 +51,6 @@ class StepPlan:
         self.prefills: list[tuple[Sequence, int]] = []  # (seq, end): prefills tokens [seq.cached, end)
         self.decode: list[Sequence] = []  # one token each, in one batch
 
-    @property
-    def prefill(self) -> Sequence | None:
-        """The first sequence this step prefills, if any."""
-        return self.prefills[0][0] if self.prefills else None
-
-    @property
-    def prefill_end(self) -> int:
-        return self.prefills[0][1] if self.prefills else 0
-
 
 class Scheduler:
     def __init__(self, slots: int, context_length: int, prefill_chunk_tokens: int,

@@ -1,6 +1,6 @@
 """The scheduler's policy on its own: no backend, no model, no clock but the `now` each step is given.
 
-A test plays the model runner's part by hand: a prefilled chunk moves `cached` to the plan's prefill_end,
+A test plays the model runner's part by hand: a prefilled chunk moves `cached` to its end in the plan,
 a decoded token appends to output_ids and moves `cached` by one.
 """
 
@@ -20,9 +20,8 @@ def seq(prompt, arrival=0.0, priority=Priority.NORMAL, n=10, **kw) -> Sequence:
 
 def run_plan(plan: StepPlan, token: int = 1) -> None:
     """What the model runner and postprocessing do to the plan's sequences when every call works."""
-    if plan.prefill is not None:
-        s = plan.prefill
-        s.cached = plan.prefill_end
+    for s, end in plan.prefills:
+        s.cached = end
         if s.cached == s.prefill_target() and not s.output_ids:
             s.output_ids.append(token)
     for s in plan.decode:
@@ -42,19 +41,20 @@ def test_a_prompt_is_prefilled_whole_alone_and_in_chunks_beside_decodes():
     sch.add(a)
     plan = sch.schedule(now=1.0)
     assert plan.admitted == [a] and a.started == 1.0 and a.slot == 0
-    assert (plan.prefill, plan.prefill_end, plan.decode) == (a, 10, [])  # nothing decoding: the whole prompt
+    assert (plan.prefills[0], plan.decode) == ((a, 10), [])  # nothing decoding: the whole prompt
     run_plan(plan)
     b = seq(range(20, 30), arrival=0.5)
     sch.add(b)
     plan = sch.schedule(now=2.0)
-    assert plan.decode == [a] and (plan.prefill, plan.prefill_end) == (b, 4)  # the chunk budget protects a's pace
+    assert plan.decode == [a] and plan.prefills[0] == (b, 4)  # the chunk budget protects a's pace
     run_plan(plan)
     plan = sch.schedule(now=3.0)
-    assert plan.admitted == [] and plan.decode == [a] and (plan.prefill, plan.prefill_end) == (b, 8)
+    assert plan.admitted == [] and plan.decode == [a] and plan.prefills[0] == (b, 8)
 
 
 def test_a_higher_class_preempts_the_latest_lowest_and_it_resumes_by_prefilling_its_outputs():
-    sch = Scheduler(slots=2, context_length=64, prefill_chunk_tokens=16)
+    # One prompt chunk per step (the two low prompts prefill one after the other): the counts below follow from it.
+    sch = Scheduler(slots=2, context_length=64, prefill_chunk_tokens=16, mixed_steps=False)
     low = [seq([1, 2], arrival=t, priority=Priority.BACKGROUND) for t in (1.0, 2.0)]
     for s in low:
         sch.add(s)
@@ -66,13 +66,13 @@ def test_a_higher_class_preempts_the_latest_lowest_and_it_resumes_by_prefilling_
     sch.add(urgent)
     plan = sch.schedule(now=4.0)
     assert plan.preempted == [victim] and victim.preemptions == 1 and victim.slot is None and victim.cached == 0
-    assert urgent.slot == 1 and plan.prefill is urgent and sch.waiting == [victim]
+    assert urgent.slot == 1 and plan.prefills[0][0] is urgent and sch.waiting == [victim]
     assert plan.decode == [low[0]]
     run_plan(plan)
     sch.finish(urgent, now=5.0)
     plan = sch.schedule(now=5.0)
     # Resumed: the prompt and all outputs but the last are prefilled again; it is not admitted a second time.
-    assert plan.prefill is victim and plan.prefill_end == 2 + 3 - 1 and plan.admitted == []
+    assert plan.prefills[0] == (victim, 2 + 3 - 1) and plan.admitted == []
 
 
 def test_ended_sequences_leave_before_admission_and_free_their_slots():
@@ -120,7 +120,7 @@ def test_a_conversation_keeps_its_cache_between_turns_and_loses_it_to_pressure_o
     t2 = seq([1, 2, 3, 7, 7, 7, 8], conversation=conv)
     sch.add(t2)
     plan = sch.schedule(now=3.0)
-    assert t2.cached_prompt_tokens == 5 and (plan.prefill, plan.prefill_end) == (t2, 7)
+    assert t2.cached_prompt_tokens == 5 and plan.prefills[0] == (t2, 7)
     run_plan(plan)
     sch.finish(t2, now=4.0)
     other = seq([9])
