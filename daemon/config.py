@@ -16,6 +16,14 @@ import yaml
 from edgellm.socket_trust import default_unix_socket
 
 
+def cache_home() -> Path:
+    """Where edgellm keeps what it builds and caches (the demo bundle, prefix-cache snapshots): $EDGELLM_CACHE,
+    else $XDG_CACHE_HOME/edgellm, else ~/.cache/edgellm."""
+    if os.environ.get("EDGELLM_CACHE"):
+        return Path(os.environ["EDGELLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 

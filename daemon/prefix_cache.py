@@ -341,11 +341,12 @@ class SnapshotWriter:
 
 # ---- set-up: the daemon's cache from its config -----------------------------------------------------------
 def default_dir(bundle_id: str) -> Path:
-    """$EDGELLM_CACHE (else $XDG_CACHE_HOME/edgellm, else ~/.cache/edgellm) / prefix-cache / <bundle id>."""
-    base = os.environ.get("EDGELLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm"
+    """cache_home() / prefix-cache / <bundle id>."""
+    from daemon.config import cache_home
+
     safe = bundle_id if bundle_id.replace("-", "").replace("_", "").replace(".", "").isalnum() \
         else hashlib.sha256(bundle_id.encode()).hexdigest()[:32]
-    return Path(base) / "prefix-cache" / safe
+    return cache_home() / "prefix-cache" / safe
 
 
 def private_folder(folder: Path) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,10 @@ EXIT_FAILED = 1
 
 
 def cache_dir() -> Path:
-    """Where `serve` keeps the demo model's bundle: $EDGELLM_CACHE, else $XDG_CACHE_HOME/edgellm."""
-    if os.environ.get("EDGELLM_CACHE"):
-        return Path(os.environ["EDGELLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgellm"
+    """Where `serve` keeps the demo model's bundle (daemon.config.cache_home)."""
+    from daemon.config import cache_home
+
+    return cache_home()
 
 
 def fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
