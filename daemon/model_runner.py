@@ -19,6 +19,7 @@ import numpy as np
 
 from daemon.backend import Backend, StepRow
 from daemon.metrics import EngineMetrics
+from daemon.prefix_cache import restore_blocks
 from daemon.scheduler import StepPlan
 from daemon.sequence import Sequence, StageFailure
 from daemon.speculative import Speculator, Verification
@@ -54,13 +55,6 @@ class ModelRunner:
         self.stats = StepStats()  # the last run's
         self._token_s = 0.0  # the last mixed step's seconds per token
 
-    def _restore(self, seq: Sequence, blocks: list[np.ndarray]) -> None:
-        """Copy prefix-cache blocks into positions 0.. of seq's slot."""
-        at = 0
-        for block in blocks:
-            self.backend.write_kv(seq.slot, at, block)
-            at += block.shape[3]
-
     def _keep_prefix(self, seq: Sequence) -> None:
         """Keep the full blocks of seq's prompt that its slot now holds in the prefix cache. The cache is an
         optimisation: a failed copy is logged and the request goes on."""
@@ -85,7 +79,7 @@ class ModelRunner:
         failed: set[Sequence] = set()
         for seq, blocks in plan.restore:
             try:
-                self._restore(seq, blocks)
+                restore_blocks(self.backend, seq.slot, blocks)
             except Exception as e:  # this sequence's slot alone: it ends, the others go on
                 failed.add(seq)
                 yield seq, StageFailure("copying the cached prefix into its slot", e)

@@ -412,6 +412,15 @@ def peer_identity(peer: object | None) -> str:
     return f"host:{address.rpartition(':')[0] or address}"
 
 
+def restore_blocks(backend: "Backend", slot: int, blocks: list[np.ndarray]) -> int:
+    """Copy cached blocks into positions 0.. of a slot; the positions they fill."""
+    at = 0
+    for block in blocks:
+        backend.write_kv(slot, at, block)
+        at += block.shape[3]
+    return at
+
+
 def warm_prompts(cache: PrefixCache, backend: "Backend", tokenizer: "Tokenizer", prompts: list,
                  context_length: int) -> tuple[int, int]:
     """Prefill each configured prompt's full blocks that the cache lacks (in slot 0, before the engine runs) and
@@ -432,11 +441,7 @@ def warm_prompts(cache: PrefixCache, backend: "Backend", tokenizer: "Tokenizer",
             log.warning("prefix cache: a warm prompt of %d tokens fills no block of %d: skipped", len(ids),
                         cache.block_tokens)
             continue
-        have = cache.match(ids, full, scope)
-        at = 0
-        for block in have:
-            backend.write_kv(0, at, block)
-            at += cache.block_tokens
+        at = restore_blocks(backend, 0, cache.match(ids, full, scope))
         if at < full:
             backend.prefill(0, ids[at:full], at)
             prefilled += full - at
