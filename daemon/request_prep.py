@@ -208,8 +208,8 @@ class RequestPreparer:
         interval_ms = req.stream_interval_ms if req.HasField("stream_interval_ms") else self.default_stream_interval_ms
         if interval_ms > MAX_STREAM_INTERVAL_MS:
             raise _invalid(f"stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {interval_ms}")
-        if structured_bytes(req) > self.structured.max_schema_bytes:
-            raise _invalid(f"the response format and tools have {structured_bytes(req)} bytes; this server accepts at "
+        if (nbytes := structured_bytes(req)) > self.structured.max_schema_bytes:
+            raise _invalid(f"the response format and tools have {nbytes} bytes; this server accepts at "
                            f"most {self.structured.max_schema_bytes} (structured.max_schema_bytes)")
         loop = asyncio.get_running_loop()
         tools, spec = [], None
