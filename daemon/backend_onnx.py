@@ -47,6 +47,28 @@ class _Binding:
 _MAX_BINDINGS = 64  # step shapes kept bound: decode buckets and the few shapes a steady mixed load repeats
 
 
+def create_session(graph_path: str | os.PathLike, threads: int = 0,
+                   worker_affinities: str | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with the daemon's threading: `threads` workers (0: one per allowed core)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or len(allowed_cpus())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
+    # each of the ~300 kernels of a decode step costs more than the kernels) and stops spinning the moment
+    # the step returns, so it never competes with the event loop, gRPC threads or the sampler between
+    # steps, where a pool left spinning slows decode several times over (figures: docs/benchmarks.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
+    so.add_session_config_entry("session.dynamic_block_base", "4")
+    if worker_affinities:  # see daemon/thread_placement.py
+        so.add_session_config_entry("session.intra_op_thread_affinities", worker_affinities)
+    return ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
+
+
 class OnnxBackend:
     name = "onnxruntime-cpu"
     cuda_graphs = ""
@@ -60,24 +82,8 @@ class OnnxBackend:
         self.vocab_size = vocab_size
         # A verify pass (speculative decoding) is a step whose one row keeps every position's logits.
         self.max_score_tokens = min(MAX_VERIFY_TOKENS, layout.max_seq)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or len(allowed_cpus())
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        # Threads, deliberately: one per core. The pool spins while a step runs (waking a sleeping thread for
-        # each of the ~300 kernels of a decode step costs more than the kernels) and stops spinning the moment
-        # the step returns, so it never competes with the event loop, gRPC threads or the sampler between
-        # steps, where a pool left spinning slows decode several times over (figures: docs/benchmarks.md).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-        # Work in small dynamic blocks: a step is not held up by the one thread that another process preempted.
-        so.add_session_config_entry("session.dynamic_block_base", "4")
-        if worker_affinities:  # see daemon/thread_placement.py
-            so.add_session_config_entry("session.intra_op_thread_affinities", worker_affinities)
-        self.session = ort.InferenceSession(os.fspath(graph_path), so, providers=["CPUExecutionProvider"])
-        self.threads = so.intra_op_num_threads  # CPU threads a step keeps busy (the caller's included)
+        self.session = create_session(graph_path, threads, worker_affinities)
+        self.threads = threads or len(allowed_cpus())  # CPU threads a step keeps busy (the caller's included)
         dtype = _NP_DTYPES[layout.dtype]
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)
         # Written once here, not left to calloc's lazy pages: the whole cache is resident from the start, so the
