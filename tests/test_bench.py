@@ -66,3 +66,57 @@ def test_bench_reports_the_interval_the_requests_asked_for(daemon):
     report = run_bench(daemon.daemon.addresses[0], [1], prompt_tokens=4, new_tokens=4, rounds=1, stream_interval_ms=30)
     assert (report.stream_interval_ms, report.stream_interval_default) == (30, False)
     assert format_results(report, as_json=False).splitlines()[0].endswith("tokens in chunks every 30 ms")
+
+
+def _kernel_scaling():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "kernel_scaling.py"
+    spec = importlib.util.spec_from_file_location("kernel_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_scaling_times_the_bundles_own_matrices_and_attention(tiny_bundle):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    ks = _kernel_scaling()
+    bundle = load_bundle(tiny_bundle)
+    model = onnx.load(bundle.graph_path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    linear = ks.linear_graph(model)
+    layers = bundle.kv_cache.num_layers
+    # Per layer: the packed q/k/v, o, the packed gate/up and down projections; the vocabulary projection left out.
+    assert len(linear.graph.node) == 4 * layers
+    sess = ort.InferenceSession(linear.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = {i.name: np.random.default_rng(1).standard_normal((3, i.type.tensor_type.shape.dim[1].dim_value), np.float32)
+         for i in linear.graph.input}
+    outputs = sess.run(None, x)
+    for node, y in zip(linear.graph.node, outputs):  # each output is its own matrix applied to the step's tokens
+        np.testing.assert_allclose(y, x[node.input[0]] @ inits[node.input[1]], rtol=1e-4, atol=1e-4)
+    attention = ks.attention_graph(model)
+    assert [n.op_type for n in attention.graph.node] == ["GroupQueryAttention"] * layers
+    for part in ks.PARTS:
+        times = ks.worker(part, tiny_bundle, position=8, chunk=4, repeats=2)
+        assert list(times) == ["1", "2", "4", "8", "8 + 4"] and all(t > 0 for t in times.values())
+
+
+def test_kernel_scaling_prints_its_table_and_refuses_a_position_past_the_cache(tiny_bundle):
+    import subprocess
+    import sys
+
+    script = str(_kernel_scaling().__file__)
+    r = subprocess.run([sys.executable, script, "--bundle", str(tiny_bundle), "--position", "8", "--chunk", "4",
+                        "--rounds", "1", "--repeats", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| rows")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 2", "| 4", "| 8", "| 8 + 4"]
+    assert rows[0].count("1.00×") == 3 and rows[0].endswith("GB/s |")  # one row against itself, each part
+    max_seq = load_bundle(tiny_bundle).kv_cache.max_seq
+    r = subprocess.run([sys.executable, script, "--bundle", str(tiny_bundle), "--position", str(max_seq)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{max_seq}-token cache" in r.stderr and "Traceback" not in r.stderr
