@@ -6,7 +6,8 @@ Times a step of 1, 2, 4 and 8 decode rows, and of 8 rows plus a --chunk-token pr
 - "step": the bundle's whole graph through the CPU backend, as the daemon runs it;
 - "linear": the bundle's own weight matrices alone (its MatMulNBits, or MatMul in an fp32 bundle; the vocabulary
   projection left out), each on the step's tokens;
-- "attention": its GroupQueryAttention nodes alone, over an fp32 KV cache holding --position tokens per row.
+- "attention": its GroupQueryAttention nodes alone, over a KV cache (of the bundle's type) holding --position
+  tokens per row.
 Each way runs in its own process (two sessions in one process were seen to shift each other's step times by up
 to 17%, in either direction, depending on which ran first), once per round, in alternating rounds. Printed: ms
 per step, median (min..max) over the rounds; "tok/s × 1 row", the tokens per second of R rows over one row's
@@ -178,10 +179,11 @@ def worker(part: str, bundle: Path, position: int, chunk: int, repeats: int) -> 
                     io.bind_cpu_input(i.name, feeds[i.name])
                 elif i.name.startswith("past_"):
                     dims = [total] + [d.dim_value for d in i.type.tensor_type.shape.dim[1:]]
-                    cache = rng.standard_normal(dims, np.float32)
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                    cache = (rng.standard_normal(dims) * (30 if dtype == np.int8 else 1)).astype(dtype)
                     caches.append(cache)
-                    io.bind_input(i.name, "cpu", 0, np.float32, dims, cache.ctypes.data)
-                    io.bind_output(i.name.replace("past_", "present_"), "cpu", 0, np.float32, dims, cache.ctypes.data)
+                    io.bind_input(i.name, "cpu", 0, dtype, dims, cache.ctypes.data)
+                    io.bind_output(i.name.replace("past_", "present_"), "cpu", 0, dtype, dims, cache.ctypes.data)
             for o in graph.graph.output:
                 if o.name.startswith("attn"):
                     io.bind_output(o.name, "cpu")
@@ -190,9 +192,9 @@ def worker(part: str, bundle: Path, position: int, chunk: int, repeats: int) -> 
 
 
 def kv_bytes_per_row(bundle: Path, position: int) -> int:
-    """Bytes of K and V that one decode row's attention reads at `position` (fp32 cache)."""
-    kv = load_bundle(bundle, verify=False).manifest["graph"]["kv_cache"]
-    return 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4 * (position + 1)
+    """Bytes of K and V that one decode row's attention reads at `position`."""
+    kv = load_bundle(bundle, verify=False).kv_cache
+    return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.itemsize * (position + 1)
 
 
 def main() -> None:

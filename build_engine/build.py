@@ -80,8 +80,12 @@ def load_checkpoint(model: Path) -> tuple[ModelSpec, dict, str, dict[str, Any], 
 
 def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str = "fp32",
                  context_length: int = DEFAULT_CONTEXT_LENGTH, force: bool = False,
-                 calibration_text: str | None = None, signing_key: Path | None = None, signer: str = "") -> Path:
+                 calibration_text: str | None = None, signing_key: Path | None = None, signer: str = "",
+                 kv_cache: str | None = None) -> Path:
     """Build the bundle for `model` into folder `out`; returns its path.
+
+    kv_cache: "int8" keeps the KV cache in 8 bits (CPU int8/int4 builds, build_engine/kv_quant.py); None keeps it
+    in the graph's float type.
 
     calibration_text: text whose activations set INT8/FP8 scales (default: the project's calibration text).
     signing_key: a PEM Ed25519 private key that signs the bundle (bundle_format/signature.py), read before the build."""
@@ -92,6 +96,14 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     if (target, precision) not in BUILD_PLANS:
         choices = [p for t, p in BUILD_PLANS if t == target]
         raise BuildError(f"precision {precision!r} is not available for target {target}; choose from: {', '.join(choices)}")
+    if kv_cache is not None:
+        from build_engine.kv_quant import KV_CACHE_DTYPES
+
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise BuildError(f"KV cache {kv_cache!r} is not available; choose from: {', '.join(KV_CACHE_DTYPES)}")
+        if BUILD_PLANS[(target, precision)][1] is None or target != "cpu":
+            raise BuildError(f"an {kv_cache} KV cache is built for the cpu target's int8 and int4 precisions (their "
+                             f"accuracy check covers it), not for {target} {precision}")
     if context_length < 16:
         raise BuildError(f"context length {context_length} is too small (at least 16)")
     if Path(out).exists() and not force:
@@ -123,7 +135,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
     elif quantization:
         from build_engine.weight_quant import prepare_cpu_graph
 
-        graph, extra_manifest = prepare_cpu_graph(spec, weights, tok_json, precision, max_seq)
+        graph, extra_manifest = prepare_cpu_graph(spec, weights, tok_json, precision, max_seq, kv_cache)
     else:
         from build_engine.cpu_graph import build_cpu_graph
 
@@ -148,7 +160,7 @@ def build_bundle(model: Path, out: Path, *, target: str = "cpu", precision: str 
             "inputs": describe_io(graph.graph.input),
             "outputs": describe_io(graph.graph.output),
             "kv_cache": {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "max_seq": max_seq,
-                         "head_dim": spec.head_dim, "dtype": dtype,
+                         "head_dim": spec.head_dim, "dtype": kv_cache or dtype,
                          "inputs": [f"past_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")],
                          "outputs": [f"present_{kv}.{i}" for i in range(spec.num_layers) for kv in ("key", "value")]},
         },

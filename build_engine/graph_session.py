@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-_CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def open_session(graph: Path, threads: int = 0):

@@ -219,9 +219,10 @@ def bits_per_weight(model: onnx.ModelProto) -> dict[str, float]:
 
 
 def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json: str, precision: str,
-                      max_seq: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                      max_seq: int, kv_cache: str | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The CPU graph for int8/int4 (weight-only MatMulNBits) and its manifest entries, accuracy included.
 
+    kv_cache "int8": the KV cache in 8 bits too (build_engine/kv_quant.py), inside the same accuracy check.
     Raises AccuracyError when the graph loses more than THRESHOLDS[precision] allows against fp32."""
     from build_engine.accuracy import accuracy_record, default_text, measure_accuracy, token_ids
     from build_engine.cpu_graph import build_cpu_graph
@@ -233,10 +234,14 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
         graph = build_cpu_graph(spec, weights, max_seq=max_seq)
         save_graph(graph, ref)  # before quantize_weights, which changes the graph in place
         importance = None
-        if BITS[precision] == 4:  # calibration text, not the held-out text the accuracy is measured on
-            importance = activation_importance(ref, graph, token_ids(tok_json, default_text("calibration")),
-                                               max(1, max_seq - 1))
+        calibration = token_ids(tok_json, default_text("calibration"))  # not the held-out text of the check
+        if BITS[precision] == 4:
+            importance = activation_importance(ref, graph, calibration, max(1, max_seq - 1))
         graph = quantize_weights(graph, precision, importance)
+        if kv_cache == "int8":
+            from build_engine.kv_quant import kv_cache_scales, quantize_kv_cache
+
+            quantize_kv_cache(graph, kv_cache_scales(ref, calibration, max(1, max_seq - 1)))
         save_graph(graph, cand)
         report = measure_accuracy(ref, cand, heldout)
     block = BLOCK_SIZES[BITS[precision]]
@@ -247,8 +252,12 @@ def prepare_cpu_graph(spec: ModelSpec, weights: dict[str, np.ndarray], tok_json:
                                    f"{ACCURACY_LEVEL})",
                          "quantized": "every linear layer; the vocabulary projection at {} bits in blocks of {}".format(
                              *LM_HEAD_FORMAT[precision]),
-                         "not_quantized": "embedding lookup, norms, attention, KV cache (fp32)",
+                         "not_quantized": "embedding lookup, norms, attention"
+                                          + ("" if kv_cache else ", KV cache (fp32)"),
                          "bits_per_weight": bits_per_weight(graph)},
         "accuracy": accuracy_record(report, precision),  # raises AccuracyError past the thresholds
     }
+    if kv_cache:
+        manifest["quantization"]["kv_cache"] = ("int8, one fixed scale per KV head and channel (its largest magnitude "
+                                                "on calibration text), quantized as written by GroupQueryAttention")
     return graph, manifest

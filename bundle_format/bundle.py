@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bundle_format.kv_cache import KvCacheLayout
+from bundle_format.kv_cache import KV_DTYPES, KvCacheLayout
 from bundle_format.onnx_external import MalformedGraph, external_data_locations
 
 MANIFEST_NAME = "manifest.yaml"
@@ -96,6 +96,10 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         missing = [k for k in keys if k not in value] if isinstance(value, dict) else [""]
         if missing:
             raise BundleError(f"{manifest_path}: no {section}{'.' + missing[0] if missing[0] else ''}; rebuild the bundle")
+    kv_dtype = manifest["graph"]["kv_cache"].get("dtype") if isinstance(manifest["graph"]["kv_cache"], dict) else None
+    if kv_dtype not in KV_DTYPES:
+        raise BundleError(f"{manifest_path}: KV cache type {kv_dtype}, which this edgellm cannot hold (it holds "
+                          f"{', '.join(KV_DTYPES)}); rebuild the bundle")
     bundle = Bundle(path, manifest, raw)
     # Even unverified (checksums are then checked while the model loads), a missing file is named here, before
     # the model load or the tokenizer trips over it with a message that does not say which bundle file it was.

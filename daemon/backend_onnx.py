@@ -25,7 +25,7 @@ from bundle_format.trt_plan import MAX_VERIFY_TOKENS
 from daemon.backend import StepRow, write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # int8: build_engine/kv_quant.py
 
 
 @dataclass

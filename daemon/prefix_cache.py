@@ -45,7 +45,7 @@ SNAPSHOT_MAGIC = b"EDGELLM-PREFIX-CACHE\n"
 SNAPSHOT_VERSION = 1
 SNAPSHOT_NAME = "prefix-cache.snapshot"
 # numpy has no bfloat16: such blocks are kept as their raw 16-bit words (copied, never computed on).
-_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 
 
 def block_dtype(layout: KvCacheLayout) -> np.dtype:

@@ -388,6 +388,28 @@ def test_daemon_reuses_a_prompt_across_requests_with_the_same_output(tiny_bundle
     assert not (tmp_path / "prefix").exists()  # a daemon not started by run_daemon keeps its cache in memory
 
 
+def test_an_int8_kv_cache_is_copied_in_and_out_as_it_is(tiny_checkpoint, tmp_path):
+    """A bundle built with `--kv-cache int8`: the cache keeps the int8 bytes the prefill wrote, and a request
+    that restores them gets the cold request's output."""
+    from build_engine.build import build_bundle
+
+    bundle = build_bundle(tiny_checkpoint, tmp_path / "kv8", precision="int8", context_length=128, kv_cache="int8")
+    d = DaemonThread(bundle, daemon_config(tmp_path)).start()
+    try:
+        stub = d.stub()
+        cold = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        blocks = d.daemon.prefix_cache.match(PROMPT, 59, SCOPE)
+        assert len(blocks) == 3 and {b.dtype for b in blocks} == {np.dtype(np.int8)}
+        cached = np.concatenate(blocks, axis=3)  # [layers, K/V, kv_heads, 48, head_dim]
+        backend = d.engine.backend
+        assert cached.any() and any(np.array_equal(backend.read_kv(s, 0, 48), cached) for s in range(2))
+        generate(stub, token_ids=pb.TokenIds(ids=[p + 100 for p in PROMPT]), max_new_tokens=1)  # takes the slot
+        warm = generate(stub, token_ids=pb.TokenIds(ids=PROMPT), max_new_tokens=8, ignore_eos=True)
+        assert warm[2].usage.cached_prompt_tokens == 48 and warm[0] == cold[0]
+    finally:
+        d.stop()
+
+
 def test_scope_off_disables_the_cache(tiny_bundle, tmp_path):
     d = DaemonThread(tiny_bundle, daemon_config(tmp_path, scope="off")).start()
     try:
