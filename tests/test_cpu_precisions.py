@@ -5,7 +5,8 @@ trained model) int8 logits stay within a mean absolute error of 5% of the fp32 l
 the top-1 token at >= 90% of positions; int4, whose 16 levels per block move each logit by tens of percent
 there, must still correlate >= 0.9 with fp32 (a wrong layout or scale gives ~0). Decode steps, which run the
 kernels with one row, match the same graph's prefill to 1e-3. The demo model is checked on what users get:
-the build's accuracy report and greedy output.
+the build's accuracy report and greedy output. An int8 KV cache (`--kv-cache int8`) is held to the same checks,
+with the cache's own rounding allowed for.
 """
 
 from __future__ import annotations
