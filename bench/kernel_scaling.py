@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from compare import cpu_flags  # noqa: E402
 from daemon_overhead import alternating_rounds, bundle_path  # noqa: E402
 
 from build_engine.weight_quant import LM_HEAD_NODE  # noqa: E402
-from bundle_format.bundle import load_bundle  # noqa: E402
+from bundle_format.bundle import Bundle, load_bundle  # noqa: E402
+from bundle_format.kv_cache import KvCacheLayout  # noqa: E402
 from daemon.backend import StepRow  # noqa: E402
 from daemon.backend_onnx import create_cpu_backend, create_session  # noqa: E402
 from edgellm.bench import measure_read_bandwidth  # noqa: E402
@@ -129,9 +131,8 @@ def timed(run, repeats: int, evict: np.ndarray) -> float:
     return statistics.median(times) * 1e3
 
 
-def worker(part: str, bundle: Path, position: int, chunk: int, repeats: int) -> dict[str, float]:
+def worker(part: str, loaded: Bundle, position: int, chunk: int, repeats: int) -> dict[str, float]:
     """ms per step of every case, for one part, in this process."""
-    loaded = load_bundle(bundle, verify=False)
     rng = np.random.default_rng(0)
     evict = np.ones(1 << 26, np.float32)  # 256 MB, more than any CPU's last-level cache
     result = {}
@@ -191,9 +192,8 @@ def worker(part: str, bundle: Path, position: int, chunk: int, repeats: int) -> 
     return result
 
 
-def kv_bytes_per_row(bundle: Path, position: int) -> int:
+def kv_bytes_per_row(kv: KvCacheLayout, position: int) -> int:
     """Bytes of K and V that one decode row's attention reads at `position`."""
-    kv = load_bundle(bundle, verify=False).kv_cache
     return 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.itemsize * (position + 1)
 
 
@@ -215,7 +215,7 @@ def main() -> None:
         ap.error(f"--position {args.position} with a --chunk of {args.chunk} does not fit this bundle's "
                  f"{max_seq}-token cache")
     if args.worker:
-        print(json.dumps(worker(args.worker, bundle, args.position, args.chunk, args.repeats)))
+        print(json.dumps(worker(args.worker, loaded, args.position, args.chunk, args.repeats)))
         return
 
     def run_once(part: str) -> dict[str, float]:
@@ -227,10 +227,10 @@ def main() -> None:
     runs = alternating_rounds(list(PARTS), args.rounds, run_once)
     bandwidth.append(measure_read_bandwidth(1 << 28) / 1e9)
     print(f"{bundle.name}: position {args.position}, {args.rounds} alternating rounds, ms per step: median (min..max); "
-          f"read bandwidth {min(bandwidth):.1f}-{max(bandwidth):.1f} GB/s")
+          f"read bandwidth {min(bandwidth):.1f}-{max(bandwidth):.1f} GB/s; CPU flags: {' '.join(cpu_flags()) or '?'}")
     print("| rows | " + " | ".join(f"{p} ms | tok/s × 1 row" for p in PARTS) + " | attention reads KV at |")
     print("|---" * (2 * len(PARTS) + 2) + "|")
-    kv_row = kv_bytes_per_row(bundle, args.position)
+    kv_row = kv_bytes_per_row(loaded.kv_cache, args.position)
     for label, rows, prompt in cases(args.chunk):
         cells = []
         for part in PARTS:

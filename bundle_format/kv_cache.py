@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 
-KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}  # the cache types bundles hold: bytes each
+# The cache types bundles hold, each with the numpy type its values are stored as. numpy has no bfloat16: such a
+# cache is held as its raw 16-bit words (copied, never computed on here).
+KV_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,12 @@ class KvCacheLayout:
     dtype: str  # float32, float16, bfloat16, or int8 (a CPU bundle built with --kv-cache int8)
 
     @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(KV_DTYPES[self.dtype])
+
+    @property
     def itemsize(self) -> int:
-        return KV_DTYPES[self.dtype]
+        return self.np_dtype.itemsize
 
     def tensor_row_bytes(self) -> int:
         """One layer's K (or V) cache of one row (slot): the stride between rows of a cache tensor."""

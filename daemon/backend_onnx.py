@@ -25,7 +25,7 @@ from bundle_format.trt_plan import MAX_VERIFY_TOKENS
 from daemon.backend import StepRow, write_decode_inputs
 from daemon.thread_placement import ThreadPlacement, allowed_cpus
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}  # int8: build_engine/kv_quant.py
+_CACHE_DTYPES = ("float32", "float16", "int8")  # what ONNX Runtime's CPU attention holds (int8: kv_quant.py)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class OnnxBackend:
 
     def __init__(self, graph_path: str | os.PathLike, layout: KvCacheLayout, vocab_size: int, slots: int,
                  threads: int = 0, worker_affinities: str | None = None):
-        if layout.dtype not in _NP_DTYPES:
+        if layout.dtype not in _CACHE_DTYPES:
             raise ValueError(f"the CPU backend cannot run a {layout.dtype} KV cache")
         self.layout = layout
         self.slots = slots
@@ -83,8 +83,9 @@ class OnnxBackend:
         # A verify pass (speculative decoding) is a step whose one row keeps every position's logits.
         self.max_score_tokens = min(MAX_VERIFY_TOKENS, layout.max_seq)
         self.session = create_session(graph_path, threads, worker_affinities)
-        self.threads = threads or len(allowed_cpus())  # CPU threads a step keeps busy (the caller's included)
-        dtype = _NP_DTYPES[layout.dtype]
+        # CPU threads a step keeps busy (the caller's included)
+        self.threads = self.session.get_session_options().intra_op_num_threads
+        dtype = layout.np_dtype
         shape = (slots, layout.num_kv_heads, layout.max_seq, layout.head_dim)
         # Written once here, not left to calloc's lazy pages: the whole cache is resident from the start, so the
         # memory the daemon needs is what it holds before READY (a box short of it fails at start, not under load).

@@ -45,7 +45,7 @@ from bundle_format.trt_plan import (PREFILL, check_aligned, check_engine_compati
                                     verify_profile)
 from daemon.backend import StepRow, forward_as_calls, write_decode_inputs
 from daemon.cuda_graph import CudaGraph, capture_or_fallback
-from daemon.prefix_cache import block_dtype, block_shape
+from daemon.prefix_cache import block_shape
 
 log = logging.getLogger("edgellm.backend")
 
@@ -86,7 +86,7 @@ def kv_copy_plan(layout: KvCacheLayout, row_bytes: int, slot: int, start: int, t
     """The copies that move positions [start, start + tokens) of a slot between the cache, per layer and K/V one
     [slots, kv_heads, max_seq, head_dim] buffer whose slot rows are row_bytes apart, and a host block
     [layers, 2, kv_heads, tokens, head_dim] (a head's positions are contiguous on both sides)."""
-    position_bytes = layout.head_dim * np.dtype(block_dtype(layout)).itemsize
+    position_bytes = layout.head_dim * layout.itemsize
     return [KvCopy(layer, kv, slot * row_bytes + start * position_bytes, layout.max_seq * position_bytes,
                    tokens * position_bytes, tokens * position_bytes, layout.num_kv_heads)
             for layer in range(layout.num_layers) for kv in (0, 1)]
@@ -387,7 +387,7 @@ class TrtBackend:
     def read_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """K/V of positions [start, end) of a slot: a new host array [layers, 2, kv_heads, end - start, head_dim]."""
         self._ensure_context()
-        out = np.empty(block_shape(self.layout, end - start), block_dtype(self.layout))
+        out = np.empty(block_shape(self.layout, end - start), self.layout.np_dtype)
         self._kv_copy(slot, start, end - start, out, to_host=True)
         return out
 

@@ -44,14 +44,6 @@ KEY_BYTES = 16
 SNAPSHOT_MAGIC = b"EDGELLM-PREFIX-CACHE\n"
 SNAPSHOT_VERSION = 1
 SNAPSHOT_NAME = "prefix-cache.snapshot"
-# numpy has no bfloat16: such blocks are kept as their raw 16-bit words (copied, never computed on).
-_BLOCK_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
-
-
-def block_dtype(layout: KvCacheLayout) -> np.dtype:
-    return np.dtype(_BLOCK_DTYPES[layout.dtype])
-
-
 def block_shape(layout: KvCacheLayout, tokens: int) -> tuple[int, int, int, int, int]:
     """The host array of `tokens` positions of one slot: [layers, 2 (K, V), kv_heads, tokens, head_dim]."""
     return (layout.num_layers, 2, layout.num_kv_heads, tokens, layout.head_dim)
@@ -73,7 +65,7 @@ class PrefixCache:
         self.layout = layout
         self.block_tokens = block_tokens
         self.block_shape = block_shape(layout, block_tokens)
-        self.block_dtype = block_dtype(layout)
+        self.block_dtype = layout.np_dtype
         self.block_bytes = int(np.prod(self.block_shape)) * self.block_dtype.itemsize
         self.max_blocks = max_bytes // self.block_bytes
         self.snapshot_path = snapshot_path
@@ -365,9 +357,6 @@ def create_prefix_cache(cfg: "PrefixCacheConfig", bundle_id: str, layout: KvCach
     """The daemon's prefix cache as configured (None when off); with a snapshot file when `persist` and
     prefix_cache.persist say so and its folder can be made private (else a log line, and memory only)."""
     if not cfg.enabled or cfg.scope == "off":
-        return None
-    if layout.dtype not in _BLOCK_DTYPES:
-        log.warning("prefix cache: off: it cannot hold a %s KV cache", layout.dtype)
         return None
     max_bytes = cfg.max_bytes or int(cfg.share * kv_cache_bytes)
     snapshot = None

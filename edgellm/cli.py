@@ -417,7 +417,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", help="weights and activations (default: fp32)")
     b.add_argument("--context-length", type=int, default=2048, help="tokens per request, prompt included (default: 2048)")
     b.add_argument("--force", action="store_true", help="replace an existing bundle")
-    b.add_argument("--kv-cache", choices=["int8"], help="keep the KV cache in 8 bits: a quarter of the memory "
+    b.add_argument("--kv-cache", metavar="int8", help="keep the KV cache in 8 bits: a quarter of the memory "
                    "(cpu int8 and int4 builds; covered by their accuracy check)")
     b.add_argument("--calib", help="text file for INT8/FP8 calibration (default: the project's calibration text)")
     b.add_argument("--sign", metavar="KEY", help="sign the bundle with this PEM Ed25519 private key")

@@ -101,7 +101,7 @@ def test_kernel_scaling_times_the_bundles_own_matrices_and_attention(tiny_bundle
     attention = ks.attention_graph(model)
     assert [n.op_type for n in attention.graph.node] == ["GroupQueryAttention"] * layers
     for part in ks.PARTS:
-        times = ks.worker(part, tiny_bundle, position=8, chunk=4, repeats=2)
+        times = ks.worker(part, bundle, position=8, chunk=4, repeats=2)
         assert list(times) == ["1", "2", "4", "8", "8 + 4"] and all(t > 0 for t in times.values())
 
 
